@@ -1,0 +1,29 @@
+"""Embed WebDataset shards into the lake's feature table (clean + augmented-view features).
+
+    python jobs/embed.py --shards 's3://bucket/raw/{000000..000099}.tar' --lake s3://bucket/lake
+"""
+from rayclust.cli import JobArgumentParser, run_job
+
+
+def main() -> None:
+    parser = JobArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", required=True,
+                        help="shard URI pattern: local path or s3://, with {000..099} ranges and/or globs")
+    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
+    parser.add_argument("--encoder", default="open_clip:ViT-B-32:openai",
+                        help="open_clip:MODEL:PRETRAINED (tag, checkpoint path or 'none') or effnet-lite0[:SIZE] "
+                             "(default: %(default)s)")
+    parser.add_argument("--views", type=int, default=2,
+                        help="augmented views embedded per image besides the clean one (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
+    args = parser.parse_args()
+    if args.views < 1 or args.batch_size < 1:
+        parser.error("--views and --batch-size must be at least 1")
+
+    from rayclust.features import embed
+
+    print(embed(args.shards, args.lake, args.encoder, args.views, args.batch_size), flush=True)
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,22 @@
+"""Label every feature row of the lake with the LATEST model: LAKE/labels/ (key -> cluster).
+
+    python jobs/infer.py --lake s3://bucket/lake
+"""
+from rayclust.cli import JobArgumentParser, run_job
+
+
+def main() -> None:
+    parser = JobArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
+    parser.add_argument("--batch-size", type=int, default=1024, help="rows per inference batch (default: %(default)s)")
+    args = parser.parse_args()
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+
+    from rayclust.labels import infer
+
+    infer(args.lake, args.batch_size)
+
+
+if __name__ == "__main__":
+    run_job(main)

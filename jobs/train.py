@@ -1,0 +1,34 @@
+"""Train a contrastive-clustering model on the lake's feature table with Ray Train.
+
+    python jobs/train.py --lake s3://bucket/lake --model mfavb --clusters 10
+"""
+from rayclust.cli import JobArgumentParser, run_job
+from rayclust.models import available_models
+
+
+def main() -> None:
+    parser = JobArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
+    parser.add_argument("--model", default="mfavb", choices=available_models(), help="model (default: %(default)s)")
+    parser.add_argument("--clusters", type=int, default=10, help="number of clusters K (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="samples per worker per step; the loss sees workers x this (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="Ray Train workers (default: one per GPU, else 1 using all CPUs but one)")
+    parser.add_argument("--run", default=None,
+                        help="run name under LAKE/models/; an unfinished run of that name resumes "
+                             "(default: MODEL-TIMESTAMP)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = parser.parse_args()
+    if min(args.epochs, args.batch_size, args.workers or 1) < 1 or args.clusters < 2:
+        parser.error("--epochs, --batch-size and --workers must be at least 1, --clusters at least 2")
+
+    from rayclust.training import TrainSettings, train
+
+    train(TrainSettings(args.lake, args.model, args.clusters, args.epochs, args.batch_size, args.workers,
+                        args.run, args.seed))
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,31 @@
+"""What every job script shares: argument parsing that fails in one line, and error reporting."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from rayclust.errors import UserError
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_job(main: Callable[[], object]) -> None:
+    """Run a job's main; user mistakes end as one line and exit status 2, not a traceback."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    try:
+        main()
+    except UserError as exn:
+        sys.exit(f"error: {exn}")
+    except FileNotFoundError as exn:
+        sys.exit(f"error: not found: {exn.filename or exn}")
+    except PermissionError as exn:
+        sys.exit(f"error: permission denied: {exn.filename or exn}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")

@@ -1,0 +1,58 @@
+"""Contrastive Clustering's losses (Li et al., AAAI 2021), over the global batch.
+
+Under DDP every worker all-gathers the projections of all workers *with gradients*,
+so N workers of batch b optimise exactly the loss of one batch of N*b.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+
+INSTANCE_TEMPERATURE = 0.5
+CLUSTER_TEMPERATURE = 1.0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every worker along dim 0; gradients flow back to each worker."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over the 2n rows of ``a`` and ``b``: row i of a and row i of b are positives."""
+    n = a.shape[0]
+    rows = F.normalize(torch.cat([a, b], dim=0), dim=1)
+    logits = rows @ rows.T / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=a.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(a.device)
+    return F.cross_entropy(logits, targets)
+
+
+def instance_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = INSTANCE_TEMPERATURE) -> torch.Tensor:
+    return nt_xent(z_a, z_b, temperature)
+
+
+def cluster_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """log K + sum p log p of the cluster marginal: 0 when balanced, log K when collapsed."""
+    marginal = probs.sum(0) / probs.sum()
+    return math.log(probs.shape[1]) + (marginal * torch.log(marginal.clamp_min(1e-12))).sum()
+
+
+def cluster_loss(c_a: torch.Tensor, c_b: torch.Tensor, temperature: float = CLUSTER_TEMPERATURE) -> torch.Tensor:
+    """Contrast the K cluster columns of the two views, plus the entropy term against collapse."""
+    return nt_xent(c_a.T, c_b.T, temperature) + cluster_entropy(c_a) + cluster_entropy(c_b)
+
+
+def contrastive_clustering_loss(
+    z_a: torch.Tensor, z_b: torch.Tensor, c_a: torch.Tensor, c_b: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Instance + cluster loss over the batch of all workers; returns (loss, parts for logging)."""
+    z_a, z_b, c_a, c_b = (gather_with_grad(t) for t in (z_a, z_b, c_a, c_b))
+    instance = instance_loss(z_a, z_b)
+    cluster = cluster_loss(c_a, c_b)
+    return instance + cluster, {"instance_loss": instance.item(), "cluster_loss": cluster.item()}

@@ -1,0 +1,251 @@
+"""Features become a model: Ray Train (TorchTrainer, DDP) trains a contrastive-clustering model.
+
+Workers stream the feature table through ``get_dataset_shard`` / ``iter_torch_batches``;
+checkpoints go to ``LAKE/models/<run>/`` through ``ray.train.report``; ``LATEST`` is
+written only once training has finished and its last checkpoint is complete. Running
+again with the same ``run`` name resumes from that run's last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from rayclust.errors import UserError
+from rayclust.evaluation import compare_with_kmeans
+from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
+from rayclust.losses import contrastive_clustering_loss
+from rayclust.models import build_model, model_config
+from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
+
+EVAL_ROWS = 50_000
+CHECKPOINT_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainSettings:
+    lake: str
+    model: str = "mfavb"
+    clusters: int = 10
+    epochs: int = 20
+    batch_size: int = 256
+    workers: int | None = None
+    run: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class WorkerPlan:
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+
+def plan_workers(requested: int | None) -> WorkerPlan:
+    """One worker per GPU; on CPU, workers share all CPUs but one, which Ray Data keeps for reading."""
+    gpus = cluster_gpus()
+    if gpus:
+        return WorkerPlan(requested or gpus, True, 1.0)
+    workers = requested or 1
+    spare = max(cluster_cpus() - 1, 0.5)
+    return WorkerPlan(workers, False, round(min(spare / workers, spare), 2))
+
+
+def feature_shape(lake: Lake) -> tuple[int, int]:
+    """(feature dim D, augmented views V) of the feature table."""
+    row = read_sample(lake, FEATURES, ["embedding", "views"], 1)
+    return len(row.column("embedding")[0]), len(row.column("views")[0])
+
+
+def training_pairs(batch: pa.Table) -> dict[str, np.ndarray]:
+    """The views a pair is drawn from, [rows, P, D]: the augmented views, or clean + the one view."""
+    dim = len(batch.column("embedding")[0])
+    views = list_to_numpy(batch.column("views"), len(batch.column("views")[0]), dim)
+    if views.shape[1] < 2:
+        views = np.concatenate([list_to_numpy(batch.column("embedding"), dim)[:, None], views], axis=1)
+    return {"views": views}
+
+
+def train(settings: TrainSettings) -> dict:
+    """Train on ``LAKE/features/`` and point ``LAKE/models/LATEST`` at the result."""
+    lake = Lake.open(settings.lake)
+    config = model_config(settings.model)
+    if not lake.has_table(FEATURES):
+        raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
+    if settings.clusters < 2:
+        raise UserError("--clusters must be at least 2")
+    init_ray()
+    dim, _ = feature_shape(lake)
+    run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    plan = plan_workers(settings.workers)
+    dataset = (
+        ray.data.read_parquet(lake.path(FEATURES), filesystem=lake.arrow_fs)
+        .select_columns(["embedding", "views"])
+        .map_batches(training_pairs, batch_format="pyarrow")
+    )
+    loop_config = {
+        "model_config": config, "feature_dim": dim, "clusters": settings.clusters, "epochs": settings.epochs,
+        "batch_size": settings.batch_size, "seed": settings.seed, "threads": plan.threads, "run": run,
+        "encoder": read_sample(lake, FEATURES, ["encoder"], 1).column("encoder")[0].as_py(),
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker={"CPU": plan.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run, storage_path=lake.path(MODELS), storage_filesystem=lake.arrow_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    print(f"training {settings.model} run {run}: {plan.workers} worker(s), "
+          f"{'GPU' if plan.use_gpu else f'{plan.cpus_per_worker} CPU each'}", flush=True)
+    result = trainer.fit()
+    latest = publish_latest(lake, run, result.checkpoint.path, result.metrics, settings.clusters)
+    print(f"model {latest['model_version']} written; LATEST -> {latest['checkpoint']}", flush=True)
+    report = evaluate_checkpoint(lake, latest)
+    if report:
+        print(report, flush=True)
+    return latest
+
+
+def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, clusters: int) -> dict:
+    relative = checkpoint_path[len(lake.root):].lstrip("/")
+    latest = {
+        "run": run,
+        "checkpoint": relative,
+        "model_version": f"{run}/epoch-{metrics['epoch']}",
+        "clusters": clusters,
+        "metrics": metrics,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    lake.write_json(latest, MODELS, "LATEST")
+    return latest
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model_config"], config["feature_dim"], config["clusters"])
+    saved = load_training_state(ray.train.get_checkpoint())
+    if saved:
+        model.load_state_dict(saved["model"])
+    model = ray.train.torch.prepare_model(model)
+    hyper = config["model_config"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=hyper["lr"], weight_decay=hyper["weight_decay"])
+    start_epoch = 0
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        start_epoch = saved["epoch"] + 1
+        if rank == 0:
+            print(f"resumed run {config['run']} after epoch {saved['epoch']}", flush=True)
+    generator = torch.Generator().manual_seed(config["seed"] + 1000 * start_epoch)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config["epochs"]):
+        metrics = train_epoch(model, optimizer, shard, config["batch_size"], generator)
+        metrics.update(epoch=epoch, samples_per_second=metrics["samples_per_second"] * world)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.4f} "
+                  f"(instance {metrics['instance_loss']:.4f}, cluster {metrics['cluster_loss']:.4f}), "
+                  f"{metrics['samples_per_second']:.0f} samples/s", flush=True)
+        report_with_checkpoint(metrics, model, optimizer, epoch, config, rank)
+
+
+def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Generator) -> dict:
+    model.train()
+    totals = {"loss": 0.0, "instance_loss": 0.0, "cluster_loss": 0.0}
+    steps = samples = 0
+    started = time.perf_counter()
+    batches = shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+        device=ray.train.torch.get_device(),
+    )
+    for batch in batches:
+        views = batch["views"]
+        first, second = torch.randperm(views.shape[1], generator=generator)[:2].tolist()
+        loss, parts = contrastive_clustering_loss(*model(views[:, first], views[:, second]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["loss"] += loss.item()
+        for name, value in parts.items():
+            totals[name] += value
+        steps += 1
+        samples += views.shape[0]
+    if steps == 0:
+        raise UserError(f"no full batch of {batch_size} samples per worker: lower --batch-size or --workers")
+    means = {name: total / steps for name, total in totals.items()}
+    return {**means, "samples_per_second": samples / (time.perf_counter() - started)}
+
+
+def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: dict, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            unwrapped = model.module if hasattr(model, "module") else model
+            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+            torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+            with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+                json.dump(model_description(config), f, indent=2)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def model_description(config: dict) -> dict:
+    keys = ("model_config", "feature_dim", "clusters", "encoder", "run")
+    return {key: config[key] for key in keys}
+
+
+def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+
+
+def load_model(lake: Lake, latest: dict, device: str = "cpu") -> torch.nn.Module:
+    """The model a LATEST pointer names, in eval mode. Loads tensors only (weights_only)."""
+    directory = lake.path(latest["checkpoint"])
+    with lake.fs.open(f"{directory}/{CONFIG_FILE}", "r") as f:
+        description = json.load(f)
+    model = build_model(description["model_config"], description["feature_dim"], description["clusters"])
+    with lake.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as f:
+        state = torch.load(f, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def evaluate_checkpoint(lake: Lake, latest: dict) -> str | None:
+    """ACC/NMI/ARI of the model and of k-means on the first EVAL_ROWS labelled features, if any."""
+    sample = read_sample(lake, FEATURES, ["label", "embedding"], EVAL_ROWS)
+    sample = sample.filter(pc.is_valid(sample.column("label")))
+    if sample.num_rows == 0:
+        return None
+    model = load_model(lake, latest)
+    clean = list_to_numpy(sample.column("embedding"), len(sample.column("embedding")[0]))
+    with torch.no_grad():
+        predicted = model.predict(torch.from_numpy(clean)).argmax(1).numpy()
+    truth = sample.column("label").to_numpy()
+    return compare_with_kmeans(latest["model_version"], truth, predicted, clean, latest["clusters"])
