@@ -2,6 +2,11 @@
 
     python jobs/embed.py --shards 's3://bucket/raw/{000000..000099}.tar' --lake s3://bucket/lake
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
+
 from rayclust.cli import JobArgumentParser, run_job
 
 

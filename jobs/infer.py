@@ -2,6 +2,11 @@
 
     python jobs/infer.py --lake s3://bucket/lake
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
+
 from rayclust.cli import JobArgumentParser, run_job
 
 

@@ -2,6 +2,11 @@
 
     python jobs/train.py --lake s3://bucket/lake --model mfavb --clusters 10
 """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
+
 from rayclust.cli import JobArgumentParser, run_job
 from rayclust.models import available_models
 
