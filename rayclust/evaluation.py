@@ -1,11 +1,15 @@
 """Clustering quality against ground-truth labels: ACC (Hungarian matching), NMI, ARI."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
 from sklearn.preprocessing import normalize
+
+KMEANS = "k-means (clean features)"
 
 
 def cluster_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
@@ -28,18 +32,25 @@ def kmeans_labels(features: np.ndarray, clusters: int, seed: int = 0) -> np.ndar
     return KMeans(clusters, n_init=10, random_state=seed).fit_predict(normalize(features))
 
 
-def quality_table(rows: dict[str, dict[str, float]], samples: int) -> str:
-    lines = [f"clustering quality on {samples} labelled samples", f"{'method':<28}{'ACC':>8}{'NMI':>8}{'ARI':>8}"]
-    for name, m in rows.items():
-        lines.append(f"{name:<28}{m['acc']:>8.3f}{m['nmi']:>8.3f}{m['ari']:>8.3f}")
-    return "\n".join(lines)
+@dataclass
+class QualityReport:
+    """ACC/NMI/ARI per method on ``samples`` labelled samples; prints as a table."""
+
+    samples: int
+    rows: dict[str, dict[str, float]]
+
+    def __str__(self) -> str:
+        lines = [f"clustering quality on {self.samples} labelled samples",
+                 f"{'method':<32}{'ACC':>8}{'NMI':>8}{'ARI':>8}"]
+        for name, m in self.rows.items():
+            lines.append(f"{name:<32}{m['acc']:>8.3f}{m['nmi']:>8.3f}{m['ari']:>8.3f}")
+        return "\n".join(lines)
 
 
 def compare_with_kmeans(name: str, truth: np.ndarray, predicted: np.ndarray, clean: np.ndarray,
-                        clusters: int) -> str:
-    """The quality table of a model's clusters beside k-means on the same clean features."""
-    rows = {
+                        clusters: int) -> QualityReport:
+    """A model's clusters beside k-means on the same clean features."""
+    return QualityReport(len(truth), {
         name: cluster_metrics(truth, predicted),
-        "k-means (clean features)": cluster_metrics(truth, kmeans_labels(clean, clusters)),
-    }
-    return quality_table(rows, len(truth))
+        KMEANS: cluster_metrics(truth, kmeans_labels(clean, clusters)),
+    })

@@ -65,6 +65,8 @@ def decode_image(data: bytes) -> Image.Image:
             return image.convert("RGB")
     except BadSample:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:  # Image.open checks first
+        raise BadSample(f"image too large: {exn}") from None
     except UnidentifiedImageError:
         raise BadSample("not an image: PIL cannot identify the format") from None
     except Exception as exn:  # PIL raises many types on hostile input; all mean "not an image"
@@ -180,3 +182,20 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
     sink = PartitionedSink(lake, FEATURES, stage="embed")
     dataset.write_datasink(sink)
     return EmbedSummary(len(uris), sink.rows_written, sink.errors_written, sink.reasons, time.time() - started)
+
+
+def write_feature_arrays(lake: Lake, shard: str, keys: np.ndarray, labels: np.ndarray | None,
+                         clean: np.ndarray, views: np.ndarray, encoder: str) -> None:
+    """Write precomputed features [N, D] and views [N, V, D] as one shard of the feature table.
+
+    For features computed elsewhere (benchmarks, imports); replaces the shard's partition.
+    """
+    lake.drop_partitions(FEATURES, [shard])
+    features = np.concatenate([clean[:, None], views], axis=1).astype(np.float32)
+    batch = {
+        "key": keys.astype(str),
+        "shard": np.full(len(keys), shard),
+        "label": np.full(len(keys), -1) if labels is None else labels.astype(np.int64),
+        "error": np.full(len(keys), ""),
+    }
+    PartitionedSink(lake, FEATURES, stage="import").write([feature_rows(batch, features, encoder)], None)

@@ -18,7 +18,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from rayclust.errors import UserError
-from rayclust.evaluation import compare_with_kmeans
+from rayclust.evaluation import QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, LABELS, MODELS, Lake, PartitionedSink, list_to_numpy
 from rayclust.runtime import cluster_gpus, encoder_actor_count, init_ray
 from rayclust.training import EVAL_ROWS, load_model
@@ -98,7 +98,7 @@ def infer(lake_uri: str, batch_size: int = 1024, shards: list[str] | None = None
     return summary
 
 
-def evaluate_labels(lake: Lake, clusters: int) -> str | None:
+def evaluate_labels(lake: Lake, clusters: int) -> QualityReport | None:
     """ACC/NMI/ARI of the written labels (joined with the features' ``label``) beside k-means."""
     features = pads.dataset(lake.path(FEATURES), filesystem=lake.arrow_fs, partitioning="hive")
     truth = features.to_table(columns=["key", "label", "embedding"], filter=pc.is_valid(pc.field("label")))

@@ -24,7 +24,7 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
-from rayclust.evaluation import compare_with_kmeans
+from rayclust.evaluation import QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config
@@ -237,7 +237,7 @@ def load_model(lake: Lake, latest: dict, device: str = "cpu") -> torch.nn.Module
     return model.to(device).eval()
 
 
-def evaluate_checkpoint(lake: Lake, latest: dict) -> str | None:
+def evaluate_checkpoint(lake: Lake, latest: dict) -> QualityReport | None:
     """ACC/NMI/ARI of the model and of k-means on the first EVAL_ROWS labelled features, if any."""
     sample = read_sample(lake, FEATURES, ["label", "embedding"], EVAL_ROWS)
     sample = sample.filter(pc.is_valid(sample.column("label")))

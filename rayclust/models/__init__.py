@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by build_model's callers; listing models (train.py --help) stays fast
+    import torch
 
 from rayclust.errors import UserError
 

@@ -1,0 +1,30 @@
+"""Turn a folder of images (class = sub-folder name) into WebDataset shards.
+
+    python jobs/folder2shards.py --images photos/ --out s3://bucket/raw --prefix photos
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
+
+from rayclust.cli import JobArgumentParser, run_job
+
+
+def main() -> None:
+    parser = JobArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", required=True, help="folder with one sub-folder of images per class")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix for the .tar shards")
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: %(default)s)")
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: %(default)s)")
+    args = parser.parse_args()
+    if args.per_shard < 1:
+        parser.error("--per-shard must be at least 1")
+
+    from rayclust.shard_writer import write_shards
+
+    uris = write_shards(args.images, args.out, args.prefix, args.per_shard)
+    print(f"wrote {len(uris)} shards: {uris[0]} … {uris[-1]}", flush=True)
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,73 @@
+"""Contrastive Clustering losses, and the proof that N workers x batch b train like one batch of N*b."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from rayclust.losses import cluster_entropy, cluster_loss, contrastive_clustering_loss, instance_loss
+
+
+def test_instance_loss_prefers_matching_views():
+    torch.manual_seed(0)
+    a = torch.randn(64, 16)
+    matched = instance_loss(a, a + 0.01 * torch.randn(64, 16))
+    unmatched = instance_loss(a, torch.randn(64, 16))
+    assert matched < unmatched - 1.0
+
+
+def test_cluster_entropy_is_zero_when_balanced_and_log_k_when_collapsed():
+    balanced = torch.eye(4).repeat(8, 1)
+    collapsed = torch.zeros(32, 4)
+    collapsed[:, 0] = 1
+    assert cluster_entropy(balanced).item() == pytest.approx(0.0, abs=1e-6)
+    assert cluster_entropy(collapsed).item() == pytest.approx(math.log(4), abs=1e-5)
+
+
+def test_cluster_loss_penalises_collapse():
+    torch.manual_seed(0)
+    confident = torch.softmax(5 * torch.randn(64, 10), dim=1)
+    collapsed = torch.zeros(64, 10)
+    collapsed[:, 3] = 1
+    assert cluster_loss(confident, confident) < cluster_loss(collapsed, collapsed)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Linear(12, 8 + 5)
+
+
+def outputs(model: nn.Module, a: torch.Tensor, b: torch.Tensor):
+    out_a, out_b = model(a), model(b)
+    return out_a[:, :8], out_b[:, :8], out_a[:, 8:].softmax(1), out_b[:, 8:].softmax(1)
+
+
+def distributed_gradients(rank: int, world: int, init_file: str, a, b, result_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(small_model())
+    per_worker = a.shape[0] // world
+    local = slice(rank * per_worker, (rank + 1) * per_worker)
+    loss, _ = contrastive_clustering_loss(*outputs(model, a[local], b[local]))
+    loss.backward()
+    if rank == 0:
+        torch.save({"loss": loss.detach(), "grad": [p.grad for p in model.parameters()]}, result_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_workers_of_batch_b_match_one_batch_of_2b(tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 12), torch.randn(16, 12)
+    single = small_model()
+    loss, _ = contrastive_clustering_loss(*outputs(single, a, b))
+    loss.backward()
+
+    result_file = str(tmp_path / "rank0.pt")
+    mp.spawn(distributed_gradients, args=(2, str(tmp_path / "init"), a, b, result_file), nprocs=2, join=True)
+    distributed = torch.load(result_file, weights_only=True)
+
+    assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    for got, want in zip(distributed["grad"], [p.grad for p in single.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
