@@ -31,6 +31,7 @@ from rayclust.models import build_model, model_config
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
 
 EVAL_ROWS = 50_000
+MATERIALIZE_FRACTION = 0.25
 CHECKPOINT_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 
@@ -83,6 +84,24 @@ def training_pairs(batch: pa.Table) -> dict[str, np.ndarray]:
     return {"views": views}
 
 
+def training_dataset(lake: Lake) -> ray.data.Dataset:
+    """The feature table as training pairs, streamed from Parquet.
+
+    Re-reading Parquet costs seconds per epoch however small the table, so a table that fits
+    in a fraction of the object store is read once and every epoch iterates the object store
+    (Ray spills it to disk under pressure; no worker holds the whole table either way).
+    """
+    dataset = (
+        ray.data.read_parquet(lake.path(FEATURES), filesystem=lake.arrow_fs)
+        .select_columns(["embedding", "views"])
+        .map_batches(training_pairs, batch_format="pyarrow")
+    )
+    store = ray.available_resources().get("object_store_memory", 0)
+    if lake.fs.du(lake.path(FEATURES)) <= MATERIALIZE_FRACTION * store:
+        return dataset.materialize()
+    return dataset
+
+
 def train(settings: TrainSettings) -> dict:
     """Train on ``LAKE/features/`` and point ``LAKE/models/LATEST`` at the result."""
     lake = Lake.open(settings.lake)
@@ -95,11 +114,7 @@ def train(settings: TrainSettings) -> dict:
     dim, _ = feature_shape(lake)
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = plan_workers(settings.workers)
-    dataset = (
-        ray.data.read_parquet(lake.path(FEATURES), filesystem=lake.arrow_fs)
-        .select_columns(["embedding", "views"])
-        .map_batches(training_pairs, batch_format="pyarrow")
-    )
+    dataset = training_dataset(lake)
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters, "epochs": settings.epochs,
         "batch_size": settings.batch_size, "seed": settings.seed, "threads": plan.threads, "run": run,
