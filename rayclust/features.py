@@ -163,7 +163,7 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
     if views < 1:
         raise ValueError("--views must be at least 1")
     uris = expand_shards(shards)
-    lake = Lake.open(lake_uri)
+    lake = Lake.open(lake_uri, create=True)
     init_ray()
     started = time.time()
     names = [shard_name(u) for u in uris]

@@ -59,9 +59,10 @@ class Lake:
     root: str
 
     @classmethod
-    def open(cls, uri: str) -> "Lake":
+    def open(cls, uri: str, create: bool = False) -> "Lake":
+        """The lake at ``uri``; ``create`` makes a local lake's folder (object stores need none)."""
         fs, root = filesystem_for(uri)
-        if is_local(fs):
+        if create and is_local(fs):
             fs.makedirs(root, exist_ok=True)
         return cls(uri.rstrip("/"), fs, root)
 

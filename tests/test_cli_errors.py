@@ -1,0 +1,90 @@
+"""User mistakes end a job with one line on stderr and a non-zero exit: no traceback, no Ray.
+
+Each job script runs as a subprocess with ``RAY_ADDRESS`` set to something that is not an
+address: a job that reached ``init_ray()`` before validating its arguments would fail at once
+with ``ValueError: Invalid address format`` and a traceback, so every case below also proves
+that validation happens before Ray starts.
+The cases run two at a time: most of their time is importing torch and Ray.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import CIFAR_SHARDS, REPO, TINY_ENCODER
+
+JOBS = REPO / "jobs"
+SHARD = str(CIFAR_SHARDS / "cifar10-test-000000.tar")  # only its existence matters; never read here
+
+
+def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (job arguments, a phrase that the one-line error must contain)."""
+    empty = str(root / "empty-lake")
+    lake = str(root / "lake")
+    return {
+        "embed-wrong-shard-path": (["embed.py", "--shards", str(root / "nope" / "x-000000.tar"), "--lake", lake,
+                                    "--encoder", TINY_ENCODER], "shard not found"),
+        "embed-no-shard-matches": (["embed.py", "--shards", str(root / "nope-*.tar"), "--lake", lake,
+                                    "--encoder", TINY_ENCODER], "no shards match"),
+        "embed-unknown-encoder": (["embed.py", "--shards", SHARD, "--lake", lake, "--encoder", "nope"],
+                                  "unknown encoder"),
+        "embed-views-not-a-number": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "abc"],
+                                     "invalid int value"),
+        "embed-views-zero": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "0"], "at least 1"),
+        "embed-unknown-flag": (["embed.py", "--shards", SHARD, "--lake", lake, "--nope"], "unrecognized arguments"),
+        "embed-missing-flag": (["embed.py", "--lake", lake], "--shards"),
+        "train-empty-lake": (["train.py", "--lake", empty], "no features"),
+        "train-unknown-model": (["train.py", "--lake", empty, "--model", "nope"], "invalid choice"),
+        "train-one-cluster": (["train.py", "--lake", empty, "--clusters", "1"], "--clusters"),
+        "train-epochs-not-a-number": (["train.py", "--lake", empty, "--epochs", "x"], "invalid int value"),
+        "infer-no-model": (["infer.py", "--lake", empty], "no trained model"),
+        "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
+    }
+
+
+def run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "validation-must-fail-before-ray-starts"}
+    return subprocess.run([sys.executable, str(JOBS / args[0]), *args[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, cifar_shards) -> dict:
+    root = tmp_path_factory.mktemp("cli")
+    cases = error_cases(root)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_job, args, root) for name, (args, _) in cases.items()}
+        return {"root": root, "cases": cases, "runs": {name: f.result() for name, f in futures.items()}}
+
+
+@pytest.mark.parametrize("case", list(error_cases(Path("/x"))))
+def test_mistake_is_one_line_and_nonzero_exit(results, case):
+    run = results["runs"][case]
+    _, phrase = results["cases"][case]
+    assert "Traceback" not in run.stderr + run.stdout, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{run.stderr}"
+    assert run.returncode != 0
+    assert phrase in lines[0], lines[0]
+    assert lines[0].startswith(("error:", "embed.py: error:", "train.py: error:", "infer.py: error:"))
+
+
+def test_mistakes_leave_no_lake_behind(results):
+    assert not (results["root"] / "lake").exists()
+
+
+@pytest.mark.parametrize("job", ["embed.py", "train.py", "infer.py"])
+def test_help_exits_zero_and_lists_every_flag(job, tmp_path):
+    flags = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", (JOBS / job).read_text()))
+    assert {"--lake", "--batch-size"} <= flags  # the pattern above still finds the flags
+    run = run_job([job, "--help"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    for flag in flags:
+        assert flag in run.stdout, f"{job} --help does not mention {flag}"
