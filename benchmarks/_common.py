@@ -1,0 +1,213 @@
+"""Shared helpers of the benchmark scripts: machine description, tables, and a process-tree
+memory monitor. Benchmarks are not tests: they print tables for BENCHMARKS.md."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR_SHARDS = SHARED_DATA / "cifar10-test-wds"
+CIFAR_FEATURES = SHARED_DATA / "cifar10-test-effnetlite0.npz"
+PYTHON = sys.executable
+
+
+def cifar_pattern(count: int) -> str:
+    """Brace pattern for the first ``count`` (1..10) CIFAR-10 test shards."""
+    if not 1 <= count <= 10:
+        raise SystemExit("there are 10 CIFAR shards: pick 1..10")
+    return str(CIFAR_SHARDS / f"cifar10-test-{{000000..{count - 1:06d}}}.tar")
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = psutil.virtual_memory().total / 2**30
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({model}), {memory:.0f} GiB RAM, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}; load average now {load}")
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print(f"date:    {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
+    print(f"machine: {machine()}")
+    print(flush=True)
+
+
+def table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table (pastes straight into BENCHMARKS.md)."""
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+@dataclass
+class TreeMemory:
+    """Peak memory of a process and all its descendants, polled every ``interval`` seconds.
+
+    ``peak_rss`` is the peak of the *sum* of RSS over the tree (what the issue asks for; it
+    counts shared pages, e.g. the Ray object store in /dev/shm and shared libraries, once per
+    process that maps them). ``peak_pss`` is the peak sum of PSS, which splits shared pages
+    between the processes that map them, so it is closer to what the machine really spends.
+    """
+
+    pid: int
+    interval: float = 0.2
+    pss_every: int = 5  # PSS (smaps_rollup) costs more than RSS (statm): read it every 5th poll
+    peak_rss: int = 0
+    peak_pss: int = 0
+    peak_processes: int = 0
+    samples: int = 0
+    timeline: list = field(default_factory=list)  # (seconds, rss sum, pss sum, processes)
+    at_peak: list = field(default_factory=list)  # (process name, rss, pss) at the peak of the RSS sum
+    cpu_by_pid: dict = field(default_factory=dict)  # last seen user+system CPU seconds of each process
+    machine_busy_seconds: float = 0.0  # CPU seconds all processes of the machine spent meanwhile
+    wall_seconds: float = 0.0
+    _names: dict = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> "TreeMemory":
+        self._started = time.perf_counter()
+        self._busy0 = _busy_seconds()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.machine_busy_seconds = _busy_seconds() - self._busy0
+        self.wall_seconds = time.perf_counter() - self._started
+
+    @property
+    def tree_cpu_seconds(self) -> float:
+        return sum(self.cpu_by_pid.values())
+
+    def cpu_by_name(self, top: int = 5) -> list[tuple[str, float]]:
+        """CPU seconds per process name (Ray names its workers by what they run), largest first."""
+        totals: dict[str, float] = {}
+        for pid, seconds in self.cpu_by_pid.items():
+            name = self._names.get(pid, "?")
+            totals[name] = totals.get(name, 0.0) + seconds
+        return sorted(totals.items(), key=lambda item: -item[1])[:top]
+
+    @property
+    def other_cores(self) -> float:
+        """Mean cores used by processes outside the tree (other test runs): contamination."""
+        return max(0.0, self.machine_busy_seconds - self.tree_cpu_seconds) / max(self.wall_seconds, 1e-9)
+
+    def _run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._stop.is_set():
+            try:
+                processes = [root] + root.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            rss = pss = 0
+            with_pss = self.samples % self.pss_every == 0
+            breakdown = []
+            for process in processes:
+                try:
+                    info = process.memory_full_info() if with_pss else process.memory_info()
+                    times = process.cpu_times()
+                    self.cpu_by_pid[process.pid] = times.user + times.system
+                    name = self._names.get(process.pid)
+                    if name is None or name.startswith("ray::IDLE") or (not name.startswith("ray::") and "worker" in name):
+                        name = self._names[process.pid] = _name(process)  # Ray workers rename themselves
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", 0)
+                breakdown.append((name, info.rss, getattr(info, "pss", 0)))
+            self.samples += 1
+            if rss > self.peak_rss:
+                self.peak_rss, self.at_peak = rss, sorted(breakdown, key=lambda b: -b[1])
+            if with_pss:
+                self.peak_pss = max(self.peak_pss, pss)
+            self.peak_processes = max(self.peak_processes, len(processes))
+            self.timeline.append((time.perf_counter() - self._started, rss, pss, len(processes)))
+            self._stop.wait(self.interval)
+
+
+@dataclass
+class Finished:
+    seconds: float
+    returncode: int
+    output: str
+    memory: TreeMemory
+
+
+def run_monitored(command: list[str], env: dict | None = None, interval: float = 0.2,
+                  echo: bool = False) -> Finished:
+    """Run ``command``, timing it end to end and polling its process tree's memory."""
+    environment = {**os.environ, **(env or {})}
+    environment.pop("RAY_ADDRESS", None)  # always a fresh local Ray, started (and owned) by the job
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment, cwd=REPO, start_new_session=True)
+    monitor = TreeMemory(process.pid, interval).start()
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if echo:
+            print("    | " + line, end="", flush=True)
+    returncode = process.wait()
+    seconds = time.perf_counter() - started
+    monitor.stop()
+    output = "".join(lines)
+    if returncode != 0:
+        print(output[-4000:], file=sys.stderr)
+        raise SystemExit(f"{' '.join(command)} failed with exit status {returncode}")
+    return Finished(seconds, returncode, output, monitor)
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        command = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+    if not command:
+        return process.name()
+    if command[0].startswith("ray::"):
+        return command[0][:60]
+    words = [Path(w).name for w in command[:3]]
+    return " ".join(words)[:60]
+
+
+def _busy_seconds() -> float:
+    times = psutil.cpu_times()
+    guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # already inside user/nice
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0) - guest
+
+
+def mib(n: int) -> float:
+    return n / 2**20

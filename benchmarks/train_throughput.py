@@ -1,0 +1,202 @@
+"""Train throughput: ``jobs/train.py`` (Ray Train, 1 worker) vs. a plain PyTorch loop.
+
+Same data (a feature table in a lake; by default built from the real CIFAR-10 effnet-lite0
+features in ``shared/data/cifar10-test-effnetlite0.npz``, written as the embed job writes
+it: one Hive partition per shard, one Parquet file per 256-row block), same model (the
+library's ``build_model`` of the ``--model`` config), same loss, optimizer, batch size and
+torch threads (the job's single worker on 2 CPUs gets 1 CPU and 1 torch thread).
+
+The plain loop reads the table once into memory (as a plain PyTorch script would) and
+shuffles indices each epoch. Both report samples/s per epoch over the training loop only
+(the job prints it per epoch); steady state = mean of the epochs after the first.
+
+    python benchmarks/train_throughput.py
+    python benchmarks/train_throughput.py --lake /path/to/lake --epochs 6
+
+Goal (issue): job samples/s >= 0.8 x plain loop samples/s (steady state).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CIFAR_FEATURES, PYTHON, REPO, header, mib, run_monitored, table  # noqa: E402
+
+GOAL = 0.8
+
+
+def build_lake(npz: Path, lake: Path, rows_per_file: int) -> None:
+    """Write the npz features as the lake's feature table, the way the embed job lays it out."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from rayclust.features import feature_rows
+
+    data = np.load(npz)
+    keys, labels = data["keys"], data["labels"].astype(np.int64)
+    features = np.concatenate([data["clean"][:, None], data["views"]], axis=1).astype(np.float32)
+    shards = np.array([f"cifar10-test-{i // 1000:06d}" for i in range(len(keys))])
+    for start in range(0, len(keys), rows_per_file):
+        rows = slice(start, start + rows_per_file)
+        batch = {"key": keys[rows], "shard": shards[rows], "label": labels[rows],
+                 "error": np.array([""] * len(keys[rows]))}
+        block = feature_rows(batch, features[rows], "effnet-lite0").drop_columns(["shard", "error"])
+        directory = lake / "features" / f"shard={shards[start]}"
+        directory.mkdir(parents=True, exist_ok=True)
+        pq.write_table(block, directory / f"{start:08d}.parquet")
+
+
+def plain_loop(args) -> None:
+    """Child process: the plain PyTorch loop. Prints one JSON line with per-epoch samples/s."""
+    started = time.perf_counter()
+    sys.path.insert(0, str(REPO))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from rayclust.losses import contrastive_clustering_loss
+    from rayclust.models import build_model, model_config
+    from rayclust.training import training_pairs
+
+    files = sorted(Path(args.lake).glob("features/shard=*/*.parquet"))
+    table = pa.concat_tables(pq.read_table(f, columns=["embedding", "views"]) for f in files)
+    views_all = torch.from_numpy(training_pairs(table)["views"])  # [N, P, D] float32
+    loaded = time.perf_counter()
+    config = model_config(args.model)
+    torch.manual_seed(args.seed)
+    model = build_model(config, views_all.shape[2], args.clusters)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    generator = torch.Generator().manual_seed(args.seed + 1000)
+    rates = []
+    for _ in range(args.epochs):
+        model.train()
+        epoch_started = time.perf_counter()
+        samples = 0
+        order = torch.randperm(len(views_all), generator=generator)
+        for start in range(0, len(order) - args.batch_size + 1, args.batch_size):  # drop_last
+            views = views_all[order[start:start + args.batch_size]]
+            first, second = torch.randperm(views.shape[1], generator=generator)[:2].tolist()
+            loss, parts = contrastive_clustering_loss(*model(views[:, first], views[:, second]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            samples += views.shape[0]
+        rates.append(samples / (time.perf_counter() - epoch_started))
+    print("RESULT " + json.dumps({"rates": rates, "load_seconds": loaded - started, "rows": len(views_all),
+                                  "threads": torch.get_num_threads()}), flush=True)
+
+
+def run_job(args, lake: str, variant: str = "as-is") -> dict:
+    script = "jobs/train.py" if variant == "as-is" else "benchmarks/_train_job_materialized.py"
+    command = [PYTHON, script, "--lake", lake, "--model", args.model, "--clusters", str(args.clusters),
+               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", "1",
+               "--seed", str(args.seed), "--run", f"bench-{time.time_ns()}"]
+    done = run_monitored(command, interval=1.0, echo=args.echo)
+    by_epoch = {}  # Ray may print a worker's line twice (worker log + driver); keep one per epoch
+    for epoch, rate in re.findall(r"epoch (\d+)/\d+: .*?, (\d+(?:\.\d+)?) samples/s", done.output):
+        by_epoch.setdefault(int(epoch), float(rate))
+    rates = [by_epoch[e] for e in sorted(by_epoch)]
+    if len(rates) != args.epochs:
+        raise SystemExit(f"expected {args.epochs} epoch lines from the job:\n{done.output[-3000:]}")
+    return {"rates": rates, "wall_seconds": done.seconds, "peak_rss_mib": mib(done.memory.peak_rss),
+            "other_cores": done.memory.other_cores, "cpu_seconds": done.memory.tree_cpu_seconds}
+
+
+def run_plain(args, lake: str) -> dict:
+    command = [PYTHON, __file__, "--plain-child", "--lake", lake, "--model", args.model,
+               "--clusters", str(args.clusters), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--seed", str(args.seed)]
+    done = run_monitored(command, interval=1.0)
+    line = next(l for l in done.output.splitlines() if l.startswith("RESULT "))
+    return {**json.loads(line[len("RESULT "):]), "wall_seconds": done.seconds,
+            "peak_rss_mib": mib(done.memory.peak_rss), "other_cores": done.memory.other_cores,
+            "cpu_seconds": done.memory.tree_cpu_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", default=None,
+                        help="lake with a feature table (default: one built from the CIFAR-10 effnet-lite0 npz)")
+    parser.add_argument("--npz", default=str(CIFAR_FEATURES), help="features to build the lake from")
+    parser.add_argument("--rows-per-file", type=int, default=256,
+                        help="rows per Parquet file of the built lake; the embed job writes 256 (default: %(default)s)")
+    parser.add_argument("--model", default="mfavb", help="model config (default: %(default)s)")
+    parser.add_argument("--clusters", type=int, default=10, help="clusters K (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs; the first is skipped (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per step (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the plain loop; the job's 1 worker on 2 CPUs uses 1 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of plain + job runs, alternating order")
+    parser.add_argument("--variants", default="as-is",
+                        help="comma-separated job variants: as-is (jobs/train.py) and/or materialized (the proposed "
+                             "fix: dataset materialized once, applied from benchmarks/_train_job_materialized.py) "
+                             "(default: %(default)s)")
+    parser.add_argument("--echo", action="store_true", help="echo the job's output")
+    parser.add_argument("--plain-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_child:
+        plain_loop(args)
+        return
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is skipped)")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - {"as-is", "materialized"}:
+        parser.error("--variants takes as-is and/or materialized")
+
+    header("Train throughput: jobs/train.py (1 worker) vs. plain PyTorch loop")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rayclust-bench-") as workdir:
+        lake = args.lake
+        if lake is None:
+            lake = str(Path(workdir) / "lake")
+            build_lake(Path(args.npz), Path(lake), args.rows_per_file)
+            print(f"built a feature table from {args.npz} in {lake} ({args.rows_per_file} rows per file)")
+        print(f"model {args.model}, {args.clusters} clusters, batch size {args.batch_size}, {args.epochs} epochs, "
+              f"plain loop torch threads {args.threads}, job variants {', '.join(variants)}\n", flush=True)
+        for i in range(args.repeat):
+            order = ["plain", *variants] if i % 2 == 0 else [*variants, "plain"]
+            results = {}
+            for what in order:
+                print(f"run {i + 1}: {what} ...", flush=True)
+                results[what] = run_plain(args, lake) if what == "plain" else run_job(args, lake, what)
+                print(f"  {results[what]}", flush=True)
+            plain = results["plain"]
+            plain_rate = statistics.mean(plain["rates"][1:])
+            for variant in variants:
+                job = results[variant]
+                job_rate = statistics.mean(job["rates"][1:])
+                rows.append({
+                    "run": i + 1,
+                    "job": "jobs/train.py" if variant == "as-is" else "with fix: materialized",
+                    "plain samples/s": plain_rate,
+                    "job samples/s": job_rate,
+                    "job / plain": job_rate / plain_rate,
+                    "plain epochs": " ".join(f"{r:.0f}" for r in plain["rates"]),
+                    "job epochs": " ".join(f"{r:.0f}" for r in job["rates"]),
+                    "job wall s": job["wall_seconds"],
+                    "other cores plain/job": f"{plain['other_cores']:.2f}/{job['other_cores']:.2f}",
+                })
+    print()
+    print("samples/s = mean of epochs 2..N (the first is skipped); 'epochs' lists every epoch's samples/s;")
+    print("'other cores' = mean CPU use of processes outside the measured process tree (contamination)\n")
+    print(table(rows))
+    as_is = [r["job / plain"] for r in rows if r["job"] == "jobs/train.py"]
+    if as_is:
+        worst = min(as_is)
+        print(f"\ngoal: jobs/train.py / plain >= {GOAL}: {'MET' if worst >= GOAL else 'MISSED'} (worst {worst:.2f})")
+
+
+if __name__ == "__main__":
+    main()
