@@ -86,7 +86,7 @@ def plain_loop(args) -> None:
         for start in range(0, len(order) - args.batch_size + 1, args.batch_size):  # drop_last
             views = views_all[order[start:start + args.batch_size]]
             first, second = torch.randperm(views.shape[1], generator=generator)[:2].tolist()
-            loss, parts = contrastive_clustering_loss(*model(views[:, first], views[:, second]))
+            loss, parts = contrastive_clustering_loss(model(views[:, first], views[:, second]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, run_job
+from rayclust.cli import JobArgumentParser, at_least, run_job
 
 
-def main() -> None:
+def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", required=True,
                         help="shard URI pattern: local path or s3://, with {000..099} ranges and/or globs")
@@ -18,12 +18,14 @@ def main() -> None:
     parser.add_argument("--encoder", default="open_clip:ViT-B-32:openai",
                         help="open_clip:MODEL:PRETRAINED (tag, checkpoint path or 'none') or effnet-lite0[:SIZE] "
                              "(default: %(default)s)")
-    parser.add_argument("--views", type=int, default=2,
+    parser.add_argument("--views", type=at_least(1), default=2,
                         help="augmented views embedded per image besides the clean one (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default: %(default)s)")
-    args = parser.parse_args()
-    if args.views < 1 or args.batch_size < 1:
-        parser.error("--views and --batch-size must be at least 1")
+    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per encoder batch (default: %(default)s)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     from rayclust.features import embed
 

@@ -7,18 +7,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, run_job
+from rayclust.cli import JobArgumentParser, at_least, run_job
 
 
-def main() -> None:
+def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", required=True, help="folder with one sub-folder of images per class")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix for the .tar shards")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: %(default)s)")
-    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: %(default)s)")
-    args = parser.parse_args()
-    if args.per_shard < 1:
-        parser.error("--per-shard must be at least 1")
+    parser.add_argument("--per-shard", type=at_least(1), default=1000, help="samples per shard (default: %(default)s)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     from rayclust.shard_writer import write_shards
 

@@ -7,16 +7,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, run_job
+from rayclust.cli import JobArgumentParser, at_least, run_job
+
+
+def build_parser() -> JobArgumentParser:
+    parser = JobArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
+    parser.add_argument("--batch-size", type=at_least(1), default=1024, help="rows per inference batch (default: %(default)s)")
+    return parser
 
 
 def main() -> None:
-    parser = JobArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--batch-size", type=int, default=1024, help="rows per inference batch (default: %(default)s)")
-    args = parser.parse_args()
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    args = build_parser().parse_args()
 
     from rayclust.labels import infer
 

@@ -48,11 +48,19 @@ def cluster_loss(c_a: torch.Tensor, c_b: torch.Tensor, temperature: float = CLUS
     return nt_xent(c_a.T, c_b.T, temperature) + cluster_entropy(c_a) + cluster_entropy(c_b)
 
 
-def contrastive_clustering_loss(
-    z_a: torch.Tensor, z_b: torch.Tensor, c_a: torch.Tensor, c_b: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Instance + cluster loss over the batch of all workers; returns (loss, parts for logging)."""
-    z_a, z_b, c_a, c_b = (gather_with_grad(t) for t in (z_a, z_b, c_a, c_b))
-    instance = instance_loss(z_a, z_b)
-    cluster = cluster_loss(c_a, c_b)
+HeadOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # z_a, z_b, c_a, c_b
+
+
+def contrastive_clustering_loss(heads: list[HeadOutputs]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Instance + cluster loss over the batch of all workers, averaged over the model's heads.
+
+    A model has one pair of heads (MFAVB, CC-MLP) or one per stage (the pyramid model, whose
+    stages PCLC weights equally). Returns (loss, mean parts for logging).
+    """
+    instance = cluster = 0.0
+    for z_a, z_b, c_a, c_b in heads:
+        z_a, z_b, c_a, c_b = (gather_with_grad(t) for t in (z_a, z_b, c_a, c_b))
+        instance = instance + instance_loss(z_a, z_b)
+        cluster = cluster + cluster_loss(c_a, c_b)
+    instance, cluster = instance / len(heads), cluster / len(heads)
     return instance + cluster, {"instance_loss": instance.item(), "cluster_loss": cluster.item()}

@@ -200,7 +200,7 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
     for batch in batches:
         views = batch["views"]
         first, second = torch.randperm(views.shape[1], generator=generator)[:2].tolist()
-        loss, parts = contrastive_clustering_loss(*model(views[:, first], views[:, second]))
+        loss, parts = contrastive_clustering_loss(model(views[:, first], views[:, second]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -50,7 +50,7 @@ def distributed_gradients(rank: int, world: int, init_file: str, a, b, result_fi
     model = nn.parallel.DistributedDataParallel(small_model())
     per_worker = a.shape[0] // world
     local = slice(rank * per_worker, (rank + 1) * per_worker)
-    loss, _ = contrastive_clustering_loss(*outputs(model, a[local], b[local]))
+    loss, _ = contrastive_clustering_loss([outputs(model, a[local], b[local])])
     loss.backward()
     if rank == 0:
         torch.save({"loss": loss.detach(), "grad": [p.grad for p in model.parameters()]}, result_file)
@@ -61,7 +61,7 @@ def test_two_workers_of_batch_b_match_one_batch_of_2b(tmp_path):
     torch.manual_seed(0)
     a, b = torch.randn(16, 12), torch.randn(16, 12)
     single = small_model()
-    loss, _ = contrastive_clustering_loss(*outputs(single, a, b))
+    loss, _ = contrastive_clustering_loss([outputs(single, a, b)])
     loss.backward()
 
     result_file = str(tmp_path / "rank0.pt")

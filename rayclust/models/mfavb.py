@@ -65,15 +65,15 @@ class MFAVB(nn.Module):
         self.cluster_head = nn.Sequential(projection_head(width, clusters), nn.Softmax(dim=1))
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
-        """Features of two augmented views [B, D] -> (z_a, z_b, c_a, c_b)."""
+        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)]: one pair of heads."""
         a, b = self.tokenizer(view_a), self.tokenizer(view_b)
         for block in self.blocks:
             a, b = block(a, b)
         h_a, h_b = self.norm(a.mean(1)), self.norm(b.mean(1))
-        return self.instance_head(h_a), self.instance_head(h_b), self.cluster_head(h_a), self.cluster_head(h_b)
+        return [(self.instance_head(h_a), self.instance_head(h_b), self.cluster_head(h_a), self.cluster_head(h_b))]
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Cluster probabilities [B, K] of clean features: the feature is its own positive pair."""
-        _, _, c_a, c_b = self(features, features)
+        _, _, c_a, c_b = self(features, features)[-1]
         return (c_a + c_b) / 2
