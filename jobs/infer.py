@@ -1,5 +1,7 @@
 """Label every feature row of the lake with the LATEST model: LAKE/labels/ (key -> cluster).
 
+An image model (pyramid) labels the images of the shards it was trained on (its --shards).
+
     python jobs/infer.py --lake s3://bucket/lake
 """
 import sys

@@ -1,6 +1,7 @@
-"""Train a contrastive-clustering model on the lake's feature table with Ray Train.
+"""Train a contrastive-clustering model with Ray Train: on the lake's features, or on images (pyramid).
 
     python jobs/train.py --lake s3://bucket/lake --model mfavb --clusters 10
+    python jobs/train.py --lake s3://bucket/lake --model pyramid --shards 's3://bucket/raw/{000000..000099}.tar'
 """
 import sys
 from pathlib import Path
@@ -16,15 +17,22 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
     parser.add_argument("--model", default="mfavb", choices=available_models(), help="model (default: %(default)s)")
     parser.add_argument("--clusters", type=at_least(2), default=10, help="number of clusters K (default: %(default)s)")
-    parser.add_argument("--epochs", type=at_least(1), default=20, help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=at_least(1), default=256,
-                        help="samples per worker per step; the loss sees workers x this (default: %(default)s)")
+    parser.add_argument("--epochs", type=at_least(1), default=None,
+                        help="training epochs (default: the model config's, see docs/models.md)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None,
+                        help="samples per worker per step; the loss sees workers x this (default: the model config's)")
     parser.add_argument("--workers", type=at_least(1), default=None,
                         help="Ray Train workers (default: one per GPU, else 1 using all CPUs but one)")
     parser.add_argument("--run", default=None,
                         help="run name under LAKE/models/; an unfinished run of that name resumes "
                              "(default: MODEL-TIMESTAMP)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--shards", default=None,
+                        help="image models (pyramid) only: WebDataset shards to train on, brace ranges and globs; "
+                             "jobs/infer.py labels these shards")
+    parser.add_argument("--init", default=None, metavar="PATH",
+                        help="start from a local checkpoint (.safetensors, or a .pt/.pth state dict of tensors): "
+                             "tensors whose names and shapes match the model's are loaded")
     return parser
 
 
@@ -34,7 +42,7 @@ def main() -> None:
     from rayclust.training import TrainSettings, train
 
     train(TrainSettings(args.lake, args.model, args.clusters, args.epochs, args.batch_size, args.workers,
-                        args.run, args.seed))
+                        args.run, args.seed, shards=args.shards, init=args.init))
 
 
 if __name__ == "__main__":

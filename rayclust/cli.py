@@ -32,6 +32,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def run_job(main: Callable[[], object]) -> None:
     """Run a job's main; user mistakes end as one line and exit status 2, not a traceback."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from ray.data import ActorPoolStrategy
 
 from rayclust.encoders import Preprocessing, load_encoder, load_preprocessing, parse_spec
-from rayclust.lake import ERRORS, FEATURES, Lake, PartitionedSink
+from rayclust.lake import ERRORS, FEATURES, Lake, PartitionedSink, Write
 from rayclust.runtime import cluster_gpus, encoder_actor_count, init_ray
 from rayclust.shards import expand_shards, read_shards, shard_name
 
@@ -41,6 +41,8 @@ class EmbedSummary:
     bad_samples: int
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    samples_by_shard: Counter = field(default_factory=Counter)
+    bad_by_shard: Counter = field(default_factory=Counter)
 
     def __str__(self) -> str:
         rate = self.samples / self.seconds if self.seconds else 0.0
@@ -163,12 +165,14 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
     if views < 1:
         raise ValueError("--views must be at least 1")
     uris = expand_shards(shards)
-    lake = Lake.open(lake_uri, create=True)
+    return embed_uris(uris, Lake.open(lake_uri, create=True), encoder, views, batch_size)
+
+
+def embed_uris(uris: list[str], lake: Lake, encoder: str, views: int, batch_size: int) -> EmbedSummary:
+    """Embed the shards at ``uris``; each shard's features and errors are published once all are written."""
     init_ray()
     started = time.time()
-    names = [shard_name(u) for u in uris]
-    lake.drop_partitions(FEATURES, names)
-    lake.drop_partitions(ERRORS, names)
+    write = Write(lake)
     actors = encoder_actor_count()
     gpus = 1 if cluster_gpus() else 0
     dataset = (
@@ -179,9 +183,11 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
                      batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
                      num_gpus=gpus, num_cpus=1)
     )
-    sink = PartitionedSink(lake, FEATURES, stage="embed")
+    sink = PartitionedSink(lake, FEATURES, stage="embed", write=write)
     dataset.write_datasink(sink)
-    return EmbedSummary(len(uris), sink.rows_written, sink.errors_written, sink.reasons, time.time() - started)
+    write.commit([shard_name(u) for u in uris], [FEATURES, ERRORS])
+    return EmbedSummary(len(uris), sink.rows_written, sink.errors_written, sink.reasons, time.time() - started,
+                        sink.rows_by_shard, sink.errors_by_shard)
 
 
 def write_feature_arrays(lake: Lake, shard: str, keys: np.ndarray, labels: np.ndarray | None,
@@ -190,7 +196,6 @@ def write_feature_arrays(lake: Lake, shard: str, keys: np.ndarray, labels: np.nd
 
     For features computed elsewhere (benchmarks, imports); replaces the shard's partition.
     """
-    lake.drop_partitions(FEATURES, [shard])
     features = np.concatenate([clean[:, None], views], axis=1).astype(np.float32)
     batch = {
         "key": keys.astype(str),
@@ -198,4 +203,6 @@ def write_feature_arrays(lake: Lake, shard: str, keys: np.ndarray, labels: np.nd
         "label": np.full(len(keys), -1) if labels is None else labels.astype(np.int64),
         "error": np.full(len(keys), ""),
     }
-    PartitionedSink(lake, FEATURES, stage="import").write([feature_rows(batch, features, encoder)], None)
+    write = Write(lake)
+    PartitionedSink(lake, FEATURES, stage="import", write=write).write([feature_rows(batch, features, encoder)], None)
+    write.commit([shard], [FEATURES])

@@ -1,6 +1,8 @@
-"""Features become a model: Ray Train (TorchTrainer, DDP) trains a contrastive-clustering model.
+"""Features (or images) become a model: Ray Train (TorchTrainer, DDP) trains a contrastive-clustering model.
 
-Workers stream the feature table through ``get_dataset_shard`` / ``iter_torch_batches``;
+Workers stream the feature table through ``get_dataset_shard`` / ``iter_torch_batches``; an
+image model (``"input": "images"``) streams weak and strong views of the shards' images instead,
+made afresh every epoch by Ray Data CPU tasks (``rayclust.views``);
 checkpoints go to ``LAKE/models/<run>/`` through ``ray.train.report``; ``LATEST`` is
 written only once training has finished and its last checkpoint is complete. Running
 again with the same ``run`` name resumes from that run's last checkpoint.
@@ -11,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -21,17 +23,21 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
 from rayclust.evaluation import QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import contrastive_clustering_loss
-from rayclust.models import build_model, model_config
+from rayclust.models import build_model, is_image_model, model_config, pretrained_state
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
+from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
+from rayclust.views import training_views
 
 EVAL_ROWS = 50_000
 MATERIALIZE_FRACTION = 0.25
+NEIGHBOUR_BLOCK = 10_000
 CHECKPOINT_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 
@@ -41,11 +47,15 @@ class TrainSettings:
     lake: str
     model: str = "mfavb"
     clusters: int = 10
-    epochs: int = 20
-    batch_size: int = 256
+    epochs: int | None = None  # None: the model config's
+    batch_size: int | None = None  # None: the model config's
     workers: int | None = None
     run: str | None = None
     seed: int = 0
+    shards: str | None = None  # image models: the shard pattern to train on
+    init: str | None = None  # a local checkpoint to start from (tensors matched by name and shape)
+    overrides: dict = field(default_factory=dict)  # model config values replacing the JSON's
+    evaluate: bool = True  # print ACC/NMI/ARI against k-means when the features carry labels
 
 
 @dataclass
@@ -59,13 +69,14 @@ class WorkerPlan:
         return max(1, int(self.cpus_per_worker))
 
 
-def plan_workers(requested: int | None) -> WorkerPlan:
-    """One worker per GPU; on CPU, workers share all CPUs but one, which Ray Data keeps for reading."""
+def plan_workers(requested: int | None, streaming: bool = True) -> WorkerPlan:
+    """One worker per GPU; on CPU, workers share all CPUs but one, which Ray Data keeps for reading
+    while it streams (a materialized table needs no reading CPU: the workers get them all)."""
     gpus = cluster_gpus()
     if gpus:
         return WorkerPlan(requested or gpus, True, 1.0)
     workers = requested or 1
-    spare = max(cluster_cpus() - 1, 0.5)
+    spare = max(cluster_cpus() - (1 if streaming else 0), 0.5)
     return WorkerPlan(workers, False, round(min(spare / workers, spare), 2))
 
 
@@ -75,50 +86,105 @@ def feature_shape(lake: Lake) -> tuple[int, int]:
     return len(row.column("embedding")[0]), len(row.column("views")[0])
 
 
-def training_pairs(batch: pa.Table) -> dict[str, np.ndarray]:
-    """The views a pair is drawn from, [rows, P, D]: the augmented views, or clean + the one view."""
+def training_pairs(batch: pa.Table, neighbours: int) -> dict[str, np.ndarray]:
+    """What a step's pair is drawn from: each row's ``views`` [rows, 1+V, D] (clean first, then the
+    augmented views) and, with ``neighbours`` > 0, ``neighbours`` [rows, k, D]: the clean embeddings
+    of its k nearest rows (cosine) in this block of the table.
+    """
     dim = len(batch.column("embedding")[0])
+    clean = list_to_numpy(batch.column("embedding"), dim)
     views = list_to_numpy(batch.column("views"), len(batch.column("views")[0]), dim)
-    if views.shape[1] < 2:
-        views = np.concatenate([list_to_numpy(batch.column("embedding"), dim)[:, None], views], axis=1)
-    return {"views": views}
+    pairs = {"views": np.concatenate([clean[:, None], views], axis=1)}
+    if neighbours:
+        pairs["neighbours"] = clean[nearest_rows(clean, neighbours)]
+    return pairs
 
 
-def training_dataset(lake: Lake) -> ray.data.Dataset:
+def nearest_rows(features: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Indices [n, k] of each row's k most cosine-similar other rows (itself excluded). A block
+    with k rows or fewer fills the missing places with the row itself, so every block has k."""
+    unit = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
+    others = min(k, len(unit) - 1)
+    nearest = []
+    for start in range(0, len(unit), chunk):
+        similarity = unit[start:start + chunk] @ unit.T
+        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -2.0
+        nearest.append(similarity.topk(others, dim=1).indices)
+    itself = np.repeat(np.arange(len(unit))[:, None], k - others, axis=1)
+    return np.concatenate([torch.cat(nearest).numpy(), itself], axis=1)
+
+
+def training_dataset(lake: Lake, neighbours: int) -> ray.data.Dataset:
     """The feature table as training pairs, streamed from Parquet.
 
-    Re-reading Parquet costs seconds per epoch however small the table, so a table that fits
-    in a fraction of the object store is read once and every epoch iterates the object store
-    (Ray spills it to disk under pressure; no worker holds the whole table either way).
+    Neighbours are mined within blocks of NEIGHBOUR_BLOCK rows, so the cost stays linear in the
+    table. Re-reading Parquet costs seconds per epoch however small the table, so a table that
+    fits in a fraction of the object store is read once and every epoch iterates the object
+    store (Ray spills it to disk under pressure; no worker holds the whole table either way).
     """
     dataset = (
         ray.data.read_parquet(lake.path(FEATURES), filesystem=lake.arrow_fs)
         .select_columns(["embedding", "views"])
-        .map_batches(training_pairs, batch_format="pyarrow")
+        .map_batches(training_pairs, fn_kwargs={"neighbours": neighbours}, batch_size=NEIGHBOUR_BLOCK,
+                     batch_format="pyarrow")
     )
     store = ray.available_resources().get("object_store_memory", 0)
-    if lake.fs.du(lake.path(FEATURES)) <= MATERIALIZE_FRACTION * store:
+    if lake.fs.du(lake.path(FEATURES)) * (1 + neighbours / 2) <= MATERIALIZE_FRACTION * store:
         return dataset.materialize()
     return dataset
 
 
-def train(settings: TrainSettings) -> dict:
-    """Train on ``LAKE/features/`` and point ``LAKE/models/LATEST`` at the result."""
-    lake = Lake.open(settings.lake)
-    config = model_config(settings.model)
+def is_materialized(dataset: ray.data.Dataset) -> bool:
+    return isinstance(dataset, MaterializedDataset)
+
+
+def image_training_dataset(uris: list[str], image_size: int) -> ray.data.Dataset:
+    """Weak and strong views of the shards' decodable images, streamed and re-augmented every epoch."""
+    return read_shards(uris).map_batches(training_views, fn_kwargs={"image_size": image_size},
+                                         batch_size=ROWS_PER_BLOCK, batch_format="pyarrow")
+
+
+def training_shards(lake: Lake, settings: TrainSettings, images: bool) -> list[str]:
+    """The shard URIs an image model trains on ([] for a feature model); one-line errors for a wrong input."""
+    if images and not settings.shards:
+        raise UserError(f"--model {settings.model} trains on images: give --shards")
+    if not images and settings.shards:
+        raise UserError(f"--model {settings.model} trains on the lake's features, not on --shards: "
+                        f"run jobs/embed.py on the shards, then train without --shards")
+    if images:
+        return expand_shards(settings.shards)
     if not lake.has_table(FEATURES):
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
+    return []
+
+
+def absolute_pattern(pattern: str) -> str:
+    """A local shard pattern made absolute, so infer finds the shards from any directory."""
+    return pattern if "://" in pattern else os.path.abspath(pattern)
+
+
+def train(settings: TrainSettings) -> dict:
+    """Train on ``LAKE/features/`` (an image model: on the images of ``settings.shards``) and
+    point ``LAKE/models/LATEST`` at the result."""
+    lake = Lake.open(settings.lake)
+    config = model_config(settings.model, **settings.overrides)
+    images = is_image_model(config)
+    uris = training_shards(lake, settings, images)
     if settings.clusters < 2:
         raise UserError("--clusters must be at least 2")
+    dim = config["image_size"] if images else feature_shape(lake)[0]
+    init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
-    dim, _ = feature_shape(lake)
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    plan = plan_workers(settings.workers)
-    dataset = training_dataset(lake)
+    dataset = image_training_dataset(uris, dim) if images else training_dataset(lake, config.get("neighbours", 0))
+    plan = plan_workers(settings.workers, streaming=not is_materialized(dataset))
     loop_config = {
-        "model_config": config, "feature_dim": dim, "clusters": settings.clusters, "epochs": settings.epochs,
-        "batch_size": settings.batch_size, "seed": settings.seed, "threads": plan.threads, "run": run,
-        "encoder": read_sample(lake, FEATURES, ["encoder"], 1).column("encoder")[0].as_py(),
+        "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
+        "epochs": settings.epochs or config["epochs"], "batch_size": settings.batch_size or config["batch_size"],
+        "seed": settings.seed, "threads": plan.threads, "run": run,
+        "encoder": None if images else read_sample(lake, FEATURES, ["encoder"], 1).column("encoder")[0].as_py(),
+        "shards": absolute_pattern(settings.shards) if images else None,
+        "init": settings.init, "init_weights": ray.put(init) if init else None,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -137,7 +203,8 @@ def train(settings: TrainSettings) -> dict:
     result = trainer.fit()
     latest = publish_latest(lake, run, result.checkpoint.path, result.metrics, settings.clusters)
     print(f"model {latest['model_version']} written; LATEST -> {latest['checkpoint']}", flush=True)
-    report = evaluate_checkpoint(lake, latest)
+    evaluate = settings.evaluate and not images  # image models: jobs/infer.py measures
+    report = evaluate_checkpoint(lake, latest) if evaluate else None
     if report:
         print(report, flush=True)
     return latest
@@ -164,6 +231,8 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(config["seed"])
     model = build_model(config["model_config"], config["feature_dim"], config["clusters"])
+    if config["init_weights"] is not None:
+        model.load_state_dict(ray.get(config["init_weights"]), strict=False)
     saved = load_training_state(ray.train.get_checkpoint())
     if saved:
         model.load_state_dict(saved["model"])
@@ -198,9 +267,8 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
         device=ray.train.torch.get_device(),
     )
     for batch in batches:
-        views = batch["views"]
-        first, second = torch.randperm(views.shape[1], generator=generator)[:2].tolist()
-        loss, parts = contrastive_clustering_loss(model(views[:, first], views[:, second]))
+        view_a, view_b = view_pair(batch, generator)
+        loss, parts = contrastive_clustering_loss(model(view_a, view_b))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -208,11 +276,29 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
         for name, value in parts.items():
             totals[name] += value
         steps += 1
-        samples += views.shape[0]
+        samples += view_a.shape[0]
     if steps == 0:
         raise UserError(f"no full batch of {batch_size} samples per worker: lower --batch-size or --workers")
     means = {name: total / steps for name, total in totals.items()}
     return {**means, "samples_per_second": samples / (time.perf_counter() - started)}
+
+
+def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's positive pair: an image model's weak and strong views; for features, one of each row's
+    views (clean or augmented) and either another of its views or, when the batch carries them, one
+    of its nearest neighbours, each drawn at random per row.
+    """
+    if "weak" in batch:
+        return batch["weak"].float(), batch["strong"].float()
+    views = batch["views"]
+    rows = torch.arange(views.shape[0], device=views.device)
+    order = torch.rand(views.shape[:2], generator=generator).argsort(1).to(views.device)
+    first = views[rows, order[:, 0]]
+    if "neighbours" in batch:
+        neighbours = batch["neighbours"]
+        pick = torch.randint(neighbours.shape[1], (len(rows),), generator=generator).to(views.device)
+        return first, neighbours[rows, pick]
+    return first, views[rows, order[:, 1]]
 
 
 def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: dict, rank: int) -> None:
@@ -229,7 +315,7 @@ def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: 
 
 
 def model_description(config: dict) -> dict:
-    keys = ("model_config", "feature_dim", "clusters", "encoder", "run")
+    keys = ("model_config", "feature_dim", "clusters", "encoder", "run", "shards", "init")
     return {key: config[key] for key in keys}
 
 
@@ -240,11 +326,16 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
+def checkpoint_description(lake: Lake, latest: dict) -> dict:
+    """The config.json of the checkpoint a LATEST pointer names (model config, clusters, shards, ...)."""
+    with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CONFIG_FILE}", "r") as f:
+        return json.load(f)
+
+
 def load_model(lake: Lake, latest: dict, device: str = "cpu") -> torch.nn.Module:
     """The model a LATEST pointer names, in eval mode. Loads tensors only (weights_only)."""
     directory = lake.path(latest["checkpoint"])
-    with lake.fs.open(f"{directory}/{CONFIG_FILE}", "r") as f:
-        description = json.load(f)
+    description = checkpoint_description(lake, latest)
     model = build_model(description["model_config"], description["feature_dim"], description["clusters"])
     with lake.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as f:
         state = torch.load(f, map_location=device, weights_only=True)

@@ -45,6 +45,13 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "train-epochs-not-a-number": (["train.py", "--lake", empty, "--epochs", "x"], "invalid int value"),
         "infer-no-model": (["infer.py", "--lake", empty], "no trained model"),
         "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
+        "refresh-no-model": (["refresh.py", "--shards", SHARD, "--lake", empty], "no trained model"),
+        "refresh-wrong-shard-path": (["refresh.py", "--shards", str(root / "nope" / "x-000000.tar"),
+                                      "--lake", lake], "shard not found"),
+        "refresh-drift-limit-above-one": (["refresh.py", "--shards", SHARD, "--lake", lake,
+                                           "--max-cluster-shift", "2"], "between 0 and 1"),
+        "refresh-lock-ttl-too-short": (["refresh.py", "--shards", SHARD, "--lake", lake, "--lock-ttl", "1"],
+                                       "at least 10"),
     }
 
 
@@ -72,14 +79,15 @@ def test_mistake_is_one_line_and_nonzero_exit(results, case):
     assert len(lines) == 1, f"expected one line on stderr, got:\n{run.stderr}"
     assert run.returncode != 0
     assert phrase in lines[0], lines[0]
-    assert lines[0].startswith(("error:", "embed.py: error:", "train.py: error:", "infer.py: error:"))
+    assert lines[0].startswith(("error:", "embed.py: error:", "train.py: error:", "infer.py: error:",
+                                "refresh.py: error:"))
 
 
 def test_mistakes_leave_no_lake_behind(results):
     assert not (results["root"] / "lake").exists()
 
 
-@pytest.mark.parametrize("job", ["embed.py", "train.py", "infer.py"])
+@pytest.mark.parametrize("job", ["embed.py", "train.py", "infer.py", "refresh.py"])
 def test_help_exits_zero_and_lists_every_flag(job, tmp_path):
     flags = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", (JOBS / job).read_text()))
     assert {"--lake", "--batch-size"} <= flags  # the pattern above still finds the flags

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:  # torch is imported by build_model's callers; listing models 
 from rayclust.errors import UserError
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
+TRAINING_KEYS = ("lr", "weight_decay", "neighbours", "epochs", "batch_size")  # the recipe, not the network
 
 
 def available_models() -> list[str]:
@@ -24,14 +26,64 @@ def model_config(name: str, **overrides) -> dict:
     return {**json.loads(path.read_text()), **overrides}
 
 
-def build_model(config: dict, feature_dim: int, clusters: int) -> torch.nn.Module:
-    """The model a config names, for ``feature_dim``-wide inputs and ``clusters`` clusters."""
-    from rayclust.models.mfavb import MFAVB
+def is_image_model(config: dict) -> bool:
+    """Image models (``"input": "images"``) train on shards' pixels; the rest on the feature table."""
+    return config.get("input", "features") == "images"
 
-    builders = {"mfavb": MFAVB}
+
+def build_model(config: dict, feature_dim: int, clusters: int) -> torch.nn.Module:
+    """The model a config names, for ``feature_dim``-wide inputs and ``clusters`` clusters.
+
+    An image model ignores ``feature_dim``: its config's ``image_size`` sets its input.
+    """
+    from rayclust.models.ccmlp import CCMLP
+    from rayclust.models.mfavb import MFAVB
+    from rayclust.models.pyramid import Pyramid
+
+    if is_image_model(config):
+        image_builders = {"pyramid": Pyramid}
+        return image_builders[config["model"]](clusters=clusters, **_hyper(config))
+    builders = {"ccmlp": CCMLP, "mfavb": MFAVB}
     return builders[config["model"]](feature_dim=feature_dim, clusters=clusters, **_hyper(config))
 
 
 def _hyper(config: dict) -> dict:
     """The config minus the keys that are not the model's constructor arguments."""
-    return {k: v for k, v in config.items() if k not in ("model", "lr", "weight_decay")}
+    return {k: v for k, v in config.items() if k not in ("model", "input", *TRAINING_KEYS)}
+
+
+CHECKPOINT_WRAPPERS = ("model", "state_dict", "model_state_dict")
+
+
+def pretrained_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a local checkpoint that match ``model``'s by name and shape; prints how many.
+
+    Reads ``.safetensors``, or a PyTorch file with tensors only (``weights_only``): a bare state
+    dict or one under "model"/"state_dict" (timm, rayclust), with DDP's "module." prefix removed.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"--init checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exn:  # a corrupt or non-tensor file fails in many ways; all mean "not usable"
+        raise UserError(f"--init {path}: not a checkpoint of tensors ({type(exn).__name__}: {exn})") from None
+    for key in CHECKPOINT_WRAPPERS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"--init {path}: not a state dict")
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not any(v.dim() for v in matched.values()):  # BN's scalar counters alone match any BN model
+        raise UserError(f"--init {path}: none of its {len(state)} tensors matches the model's names and shapes")
+    print(f"--init {path}: {len(matched)} of the model's {len(own)} tensors loaded, "
+          f"{len(state) - len(matched)} of the checkpoint's unused", flush=True)
+    return matched

@@ -12,32 +12,40 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+CONTRASTS = ("self", "pair")
+
 
 class FeatureTokenizer(nn.Module):
-    """A D-dim feature becomes ``tokens`` tokens of ``width`` (a learned linear map), plus positions."""
+    """A D-dim feature is split into ``tokens`` chunks of D/tokens, each projected to ``width``
+    (one shared linear map), plus a learned position per chunk."""
 
     def __init__(self, feature_dim: int, tokens: int, width: int):
         super().__init__()
-        self.tokens, self.width = tokens, width
+        if feature_dim % tokens:
+            raise ValueError(f"feature dim {feature_dim} does not split into {tokens} tokens")
+        self.tokens = tokens
         self.norm = nn.LayerNorm(feature_dim)
-        self.project = nn.Linear(feature_dim, tokens * width)
+        self.project = nn.Linear(feature_dim // tokens, width)
         self.position = nn.Parameter(torch.zeros(1, tokens, width))
         nn.init.trunc_normal_(self.position, std=0.02)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        tokens = self.project(self.norm(features)).view(-1, self.tokens, self.width)
-        return tokens + self.position
+        chunks = self.norm(features).view(features.shape[0], self.tokens, -1)
+        return self.project(chunks) + self.position
 
 
 class FusingAugmentingBlock(nn.Module):
     """Shared-weight ViT blocks per view -> fuse -> larger ViT block -> split into a new pair."""
 
     def __init__(self, width: int, heads: int, view_depth: int, fused_depth: int, fused_mlp_ratio: float,
-                 dropout: float):
+                 dropout: float, layer_scale: float | None):
         super().__init__()
-        self.view_blocks = nn.Sequential(*[Block(width, heads, proj_drop=dropout) for _ in range(view_depth)])
+        self.view_blocks = nn.Sequential(
+            *[Block(width, heads, proj_drop=dropout, init_values=layer_scale) for _ in range(view_depth)]
+        )
         self.fused_blocks = nn.Sequential(
-            *[Block(width, 2 * heads, mlp_ratio=fused_mlp_ratio, proj_drop=dropout) for _ in range(fused_depth)]
+            *[Block(width, 2 * heads, mlp_ratio=fused_mlp_ratio, proj_drop=dropout, init_values=layer_scale)
+              for _ in range(fused_depth)]
         )
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,27 +61,48 @@ def projection_head(width: int, out_dim: int) -> nn.Sequential:
 class MFAVB(nn.Module):
     def __init__(self, feature_dim: int, clusters: int, tokens: int = 8, width: int = 128, heads: int = 4,
                  view_depth: int = 1, fused_depth: int = 1, fused_mlp_ratio: float = 8.0, blocks: int = 2,
-                 instance_dim: int = 128, dropout: float = 0.0):
+                 instance_dim: int = 128, dropout: float = 0.0, layer_scale: float | None = 1e-4,
+                 contrast: str = "self"):
         super().__init__()
+        if contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {CONTRASTS}, not {contrast!r}")
+        self.contrast = contrast
         self.tokenizer = FeatureTokenizer(feature_dim, tokens, width)
         self.blocks = nn.ModuleList(
-            FusingAugmentingBlock(width, heads, view_depth, fused_depth, fused_mlp_ratio, dropout)
+            FusingAugmentingBlock(width, heads, view_depth, fused_depth, fused_mlp_ratio, dropout, layer_scale)
             for _ in range(blocks)
         )
-        self.norm = nn.LayerNorm(width)
-        self.instance_head = projection_head(width, instance_dim)
-        self.cluster_head = nn.Sequential(projection_head(width, clusters), nn.Softmax(dim=1))
+        self.norm = nn.LayerNorm(tokens * width)
+        self.instance_head = projection_head(tokens * width, instance_dim)
+        self.cluster_head = nn.Sequential(projection_head(tokens * width, clusters), nn.Softmax(dim=1))
 
-    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
-        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)]: one pair of heads."""
+    def encode(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views' features [B, D] through every fusing-augmenting block -> the final pair [B, T*W]."""
         a, b = self.tokenizer(view_a), self.tokenizer(view_b)
         for block in self.blocks:
             a, b = block(a, b)
-        h_a, h_b = self.norm(a.mean(1)), self.norm(b.mean(1))
-        return [(self.instance_head(h_a), self.instance_head(h_b), self.cluster_head(h_a), self.cluster_head(h_b))]
+        return self.norm(a.flatten(1)), self.norm(b.flatten(1))
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
+        """Features of a positive pair [B, D] -> [(z_a, z_b, c_a, c_b), ...] for the loss.
+
+        "pair" contrasts the two halves of one fused sequence, as the paper reads literally; but
+        each half has seen the other, so the fused block can make them agree by copying
+        (measured: the loss keeps falling while the clusters get worse). "self" contrasts each
+        fused half with the other view fused with itself, the computation ``predict`` does;
+        a half cannot copy a view it was never shown. See docs/models.md.
+        """
+        fused_a, fused_b = self.encode(view_a, view_b)
+        if self.contrast == "pair":
+            return [self.heads(fused_a, fused_b)]
+        both = torch.cat([view_a, view_b])
+        self_a, self_b = self.encode(both, both)[0].chunk(2)
+        return [self.heads(fused_a, self_b), self.heads(self_a, fused_b)]
+
+    def heads(self, a: torch.Tensor, b: torch.Tensor):
+        return self.instance_head(a), self.instance_head(b), self.cluster_head(a), self.cluster_head(b)
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Cluster probabilities [B, K] of clean features: the feature is its own positive pair."""
-        _, _, c_a, c_b = self(features, features)[-1]
-        return (c_a + c_b) / 2
+        return self.cluster_head(self.encode(features, features)[0])

@@ -1,0 +1,73 @@
+"""The pyramid model's clustering quality on images: ``jobs/train.py --model pyramid``, then ``jobs/infer.py``.
+
+Both jobs run as they would for a user (subprocesses, each with its own local Ray); ACC/NMI/ARI
+are the infer job's, against the shards' ``.cls`` labels. ``benchmarks/quality.py`` calls
+``pyramid_quality``; run this file alone for the figure in docs/models.md:
+
+    python benchmarks/_pyramid.py --shards 10 --epochs 8
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PYTHON, cifar_pattern, header, run_monitored, table  # noqa: E402
+
+QUALITY_LINE = re.compile(r"rayclust labels\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)")
+EPOCH_LINE = re.compile(r"epoch (\d+)/\d+: loss ([\d.]+) .*?, (\d+(?:\.\d+)?) samples/s")
+
+
+def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int, seed: int = 0, batch_size: int = 128,
+                    clusters: int = 10, echo: bool = False) -> dict:
+    """Train the default pyramid config on the shards' images, label them, and return
+    acc, nmi, ari (infer job), seconds (train job wall time, Ray start-up included),
+    infer_seconds, cpu_seconds (CPU time of the train job's process tree: the budget, which other
+    load on a shared machine barely changes), other_cores (mean CPU use of other processes during
+    training: contamination), and the per-epoch losses and samples/s the train job printed."""
+    trained = run_monitored(
+        [PYTHON, "jobs/train.py", "--model", "pyramid", "--shards", shards_pattern, "--lake", lake_dir,
+         "--clusters", str(clusters), "--epochs", str(epochs), "--batch-size", str(batch_size),
+         "--seed", str(seed), "--run", f"pyramid-seed{seed}"],
+        interval=1.0, echo=echo,
+    )
+    inferred = run_monitored([PYTHON, "jobs/infer.py", "--lake", lake_dir], interval=1.0, echo=echo)
+    quality = QUALITY_LINE.findall(inferred.output)
+    if not quality:
+        raise SystemExit(f"no quality table in the infer job's output:\n{inferred.output[-3000:]}")
+    by_epoch = {}  # Ray may print a worker's line twice (worker log + driver)
+    for epoch, loss, rate in EPOCH_LINE.findall(trained.output):
+        by_epoch.setdefault(int(epoch), (float(loss), float(rate)))
+    acc, nmi, ari = (float(v) for v in quality[-1])
+    return {"acc": acc, "nmi": nmi, "ari": ari, "seconds": trained.seconds, "infer_seconds": inferred.seconds,
+            "cpu_seconds": trained.memory.tree_cpu_seconds, "other_cores": trained.memory.other_cores,
+            "losses": [by_epoch[e][0] for e in sorted(by_epoch)],
+            "samples_per_second": [by_epoch[e][1] for e in sorted(by_epoch)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=10, help="first N CIFAR-10 test shards (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="samples per step (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lake", default=None, help="keep the lake here (default: a temporary folder)")
+    parser.add_argument("--echo", action="store_true", help="echo the jobs' output")
+    args = parser.parse_args()
+    header("Pyramid model (PCLC) on CIFAR-10 test images, 32 px, trained from scratch")
+    with tempfile.TemporaryDirectory(prefix="rayclust-pyramid-") as workdir:
+        result = pyramid_quality(cifar_pattern(args.shards), args.lake or workdir, args.epochs, args.seed,
+                                 args.batch_size, echo=args.echo)
+    print(f"epochs {args.epochs}, batch size {args.batch_size}, seed {args.seed}; "
+          f"loss per epoch {' '.join(f'{v:.3f}' for v in result['losses'])}; "
+          f"samples/s per epoch {' '.join(f'{v:.0f}' for v in result['samples_per_second'])}\n")
+    print(table([{k: result[k] for k in ("acc", "nmi", "ari", "seconds", "cpu_seconds", "infer_seconds",
+                                         "other_cores")}]))
+
+
+if __name__ == "__main__":
+    main()

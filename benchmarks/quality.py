@@ -1,0 +1,165 @@
+"""Clustering quality: k-means vs the CC-MLP baseline vs MFAVB with 1, 2 and 3 blocks.
+
+On ``shared/data/cifar10-test-effnetlite0.npz`` (10,000 CIFAR-10 test images, ImageNet-
+pretrained EfficientNet-Lite0 features: clean + 3 augmented views each), written as a feature
+table in a local lake. Every model goes through the real path: ``training.train`` (Ray Train,
+checkpoints, LATEST) then ``labels.infer`` (labels table); ACC/NMI/ARI are computed from the
+written labels joined with the CIFAR labels on ``key``. One local Ray serves all runs. The
+models use their shipped configs (``rayclust/model_configs/``), so the table measures the
+defaults ``jobs/train.py`` ships; no run is selected by its accuracy.
+
+    python benchmarks/quality.py                      # 3 seeds, all variants (about an hour on 2 cores)
+    python benchmarks/quality.py --seeds 0 --variants ccmlp mfavb-2
+    python benchmarks/quality.py --pyramid-epochs 8   # adds the pyramid model on the CIFAR-10 images
+    python benchmarks/quality.py --seeds 0 --variants ccmlp-no-neighbours mfavb-2-pair-contrast   # ablations
+
+Goals (issue 3): MFAVB ACC >= k-means ACC + 0.15 (k-means: 0.462); MFAVB >= CC-MLP; one MFAVB
+run <= 10 minutes on the 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CIFAR_FEATURES, REPO, cifar_pattern, header, table  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+
+VARIANTS = {  # name -> (model, config overrides)
+    "ccmlp": ("ccmlp", {}),
+    "mfavb-1": ("mfavb", {"blocks": 1}),
+    "mfavb-2": ("mfavb", {"blocks": 2}),
+    "mfavb-3": ("mfavb", {"blocks": 3}),
+}
+ABLATIONS = {  # what each recipe choice of docs/models.md is worth
+    "ccmlp-no-neighbours": ("ccmlp", {"neighbours": 0}),
+    "mfavb-2-no-neighbours": ("mfavb", {"blocks": 2, "neighbours": 0}),
+    "mfavb-2-pair-contrast": ("mfavb", {"blocks": 2, "contrast": "pair"}),
+    "mfavb-2-10-epochs": ("mfavb", {"blocks": 2, "epochs": 10}),
+}
+ROWS_PER_SHARD = 1000
+
+
+def build_lake(lake_uri: str) -> tuple[dict[str, int], "np.ndarray"]:
+    """The npz as a 10-shard feature table; returns key -> true label, and the clean features."""
+    import numpy as np
+
+    from rayclust.features import write_feature_arrays
+    from rayclust.lake import Lake
+
+    data = np.load(CIFAR_FEATURES)
+    lake = Lake.open(lake_uri)
+    for start in range(0, len(data["keys"]), ROWS_PER_SHARD):
+        rows = slice(start, start + ROWS_PER_SHARD)
+        write_feature_arrays(lake, f"cifar-{start // ROWS_PER_SHARD:02d}", data["keys"][rows], data["labels"][rows],
+                             data["clean"][rows], data["views"][rows], "effnet-lite0")
+    return dict(zip(data["keys"].tolist(), data["labels"].tolist())), data["clean"].astype(np.float32)
+
+
+def label_quality(lake_uri: str, truth: dict[str, int]) -> dict[str, float]:
+    """ACC/NMI/ARI of the labels table the infer stage wrote, against the CIFAR labels."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from rayclust.evaluation import cluster_metrics
+    from rayclust.lake import LABELS, Lake
+
+    lake = Lake.open(lake_uri)
+    labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive")
+    table_ = labels.to_table(columns=["key", "cluster", "confidence"])
+    keys = table_.column("key").to_pylist()
+    if len(keys) != len(truth) or len(set(keys)) != len(keys):
+        raise SystemExit(f"labels table has {len(keys)} rows ({len(set(keys))} keys), expected {len(truth)}")
+    metrics = cluster_metrics(np.array([truth[k] for k in keys]), table_.column("cluster").to_numpy())
+    return {**metrics, "confidence": float(np.mean(table_.column("confidence").to_numpy()))}
+
+
+def run_variant(lake_uri: str, name: str, seed: int, epochs: int | None, truth: dict[str, int]) -> dict:
+    from rayclust.labels import infer
+    from rayclust.training import TrainSettings, train
+
+    model, overrides = {**VARIANTS, **ABLATIONS}[name]
+    started = time.perf_counter()
+    latest = train(TrainSettings(lake_uri, model, clusters=10, epochs=epochs, run=f"{name}-seed{seed}", seed=seed,
+                                 overrides=overrides, evaluate=False))
+    trained = time.perf_counter()
+    infer(lake_uri, evaluate=False)
+    return {**label_quality(lake_uri, truth), "train_s": trained - started,
+            "infer_s": time.perf_counter() - trained, "loss": latest["metrics"]["loss"]}
+
+
+def kmeans_row(clean, truth_labels, seed: int) -> dict:
+    from rayclust.evaluation import cluster_metrics, kmeans_labels
+
+    started = time.perf_counter()
+    metrics = cluster_metrics(truth_labels, kmeans_labels(clean, 10, seed=seed))
+    return {**metrics, "train_s": time.perf_counter() - started, "infer_s": 0.0}
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    def spread(key: str) -> str:
+        values = [r[key] for r in runs]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+    return {"method": name, "ACC": spread("acc"), "NMI": spread("nmi"), "ARI": spread("ari"),
+            "seeds": len(runs), "train s (mean)": f"{statistics.mean(r['train_s'] for r in runs):.0f}",
+            "infer s (mean)": f"{statistics.mean(r['infer_s'] for r in runs):.0f}"}
+
+
+def pyramid_rows(seeds: list[int], epochs: int) -> list[dict]:
+    from _pyramid import pyramid_quality
+
+    runs = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory(prefix="rayclust-pyramid-") as lake:
+            run = pyramid_quality(cifar_pattern(10), lake, epochs, seed)
+        runs.append({**run, "train_s": run["seconds"], "infer_s": run["infer_seconds"]})
+        print(f"pyramid seed {seed}: {run}", flush=True)
+    return [summarise(f"pyramid (images, {epochs} epochs)", runs)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["kmeans", *VARIANTS],
+                        choices=["kmeans", *VARIANTS, *ABLATIONS])
+    parser.add_argument("--epochs", type=int, default=None, help="override every model's shipped epochs")
+    parser.add_argument("--pyramid-epochs", type=int, default=0, help="also train the pyramid model (0: skip)")
+    args = parser.parse_args()
+    if not CIFAR_FEATURES.is_file():
+        raise SystemExit(f"missing {CIFAR_FEATURES}: the benchmark needs shared/data")
+    header("Clustering quality on CIFAR-10 test (EfficientNet-Lite0 features), through train + infer")
+
+    import numpy as np
+
+    from rayclust.runtime import init_ray
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rayclust-quality-") as lake:
+        truth, clean = build_lake(lake)
+        truth_labels = np.array(list(truth.values()))
+        init_ray()
+        for name in args.variants:
+            runs = []
+            for seed in args.seeds:
+                run = kmeans_row(clean, truth_labels, seed) if name == "kmeans" else \
+                    run_variant(lake, name, seed, args.epochs, truth)
+                print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True)
+                runs.append(run)
+            rows.append(summarise(name, runs))
+            print(table(rows), flush=True)
+    if args.pyramid_epochs:
+        rows += pyramid_rows(args.seeds, args.pyramid_epochs)
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The Contrastive Clustering baseline on features: CC's two MLP heads, nothing in between.
+
+Li et al., AAAI 2021: an instance head Linear-ReLU-Linear into a 128-d space and a cluster
+head Linear-ReLU-Linear-Softmax into K clusters, on a backbone's features. Here the
+backbone is the frozen encoder that made the feature table, so the heads see its features
+directly; this is the yardstick MFAVB's fusing blocks must beat.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rayclust.models.mfavb import projection_head
+
+
+class CCMLP(nn.Module):
+    def __init__(self, feature_dim: int, clusters: int, instance_dim: int = 128):
+        super().__init__()
+        self.norm = nn.LayerNorm(feature_dim)
+        self.instance_head = projection_head(feature_dim, instance_dim)
+        self.cluster_head = nn.Sequential(projection_head(feature_dim, clusters), nn.Softmax(dim=1))
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
+        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)]."""
+        h_a, h_b = self.norm(view_a), self.norm(view_b)
+        return [(self.instance_head(h_a), self.instance_head(h_b), self.cluster_head(h_a), self.cluster_head(h_b))]
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.cluster_head(self.norm(features))

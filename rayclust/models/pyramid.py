@@ -1,0 +1,184 @@
+"""The pyramid model: PCLC's twin contrastive heads on every stage of a CMT-style backbone.
+
+Pyramid contrastive learning for clustering (Zhou, Huang & Wang, Neural Networks 2025) on a
+mixed CNN-Transformer after CMT (Guo et al., CVPR 2022): a conv stem, then four stages, each
+downsampling and stacking CMT blocks (local perception unit, attention over spatially reduced
+keys and values, inverted-residual conv FFN). Every stage's pooled map gets an instance head
+and a cluster head; the loss averages over the four stages. Trains on images, not features.
+See docs/models.md for each choice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import ConvNormAct, DropPath, LayerNorm2d
+from torch import nn
+
+from rayclust.errors import UserError
+
+STAGES = 4
+
+
+class LocalPerceptionUnit(nn.Module):
+    """CMT's LPU: x + depthwise 3x3 conv(x); gives attention translation-invariant position cues."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1, groups=width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class LightweightAttention(nn.Module):
+    """CMT's LMHSA: queries from every position, keys and values from a map shrunk ``reduction``
+    times per side by a strided depthwise conv, so attention costs N x N/r^2 instead of N x N."""
+
+    def __init__(self, width: int, heads: int, reduction: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(width, 2 * width)
+        self.reduce = (nn.Sequential(nn.Conv2d(width, width, reduction, reduction, groups=width), LayerNorm2d(width))
+                       if reduction > 1 else nn.Identity())
+        self.project = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        query = self.query(x.flatten(2).transpose(1, 2)).view(b, h * w, self.heads, -1).transpose(1, 2)
+        reduced = self.reduce(x).flatten(2).transpose(1, 2)
+        key, value = self.key_value(reduced).view(b, reduced.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(query, key, value)
+        return self.project(out.transpose(1, 2).reshape(b, h * w, c)).transpose(1, 2).view(b, c, h, w)
+
+
+class InvertedResidualFFN(nn.Module):
+    """CMT's IRFFN: 1x1 expand, depthwise 3x3 with a shortcut, 1x1 project (BN after each conv)."""
+
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.expand = ConvNormAct(width, hidden, 1, act_layer=nn.GELU)
+        self.depthwise = ConvNormAct(hidden, hidden, 3, groups=hidden, act_layer=nn.GELU)
+        self.project = ConvNormAct(hidden, width, 1, apply_act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.expand(x)
+        return self.project(x + self.depthwise(x))
+
+
+class CMTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, reduction: int, mlp_ratio: float, drop_path: float):
+        super().__init__()
+        self.local = LocalPerceptionUnit(width)
+        self.norm1, self.norm2 = LayerNorm2d(width), LayerNorm2d(width)
+        self.attention = LightweightAttention(width, heads, reduction)
+        self.ffn = InvertedResidualFFN(width, mlp_ratio)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.local(x)
+        x = x + self.drop_path(self.attention(self.norm1(x)))
+        return x + self.drop_path(self.ffn(self.norm2(x)))
+
+
+class Stage(nn.Sequential):
+    """Halve the map with CMT's 2x2 stride-2 patch aggregation (+ LayerNorm), then ``depth`` blocks."""
+
+    def __init__(self, in_width: int, width: int, depth: int, heads: int, reduction: int, mlp_ratio: float,
+                 drop_paths: list[float]):
+        super().__init__(
+            nn.Conv2d(in_width, width, 2, 2), LayerNorm2d(width),
+            *(CMTBlock(width, heads, reduction, mlp_ratio, drop_paths[i]) for i in range(depth)),
+        )
+
+
+def projector(width: int, out_dim: int) -> nn.Sequential:
+    """PCLC's projector: BN-ReLU-Linear-BN-ReLU-Linear."""
+    return nn.Sequential(nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, width),
+                         nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, out_dim))
+
+
+class TwinHeads(nn.Module):
+    """One stage's instance head and cluster head (softmax over K) on its globally pooled map."""
+
+    def __init__(self, width: int, instance_dim: int, clusters: int):
+        super().__init__()
+        self.instance = projector(width, instance_dim)
+        self.cluster = nn.Sequential(projector(width, clusters), nn.Softmax(dim=1))
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = feature_map.mean((2, 3))
+        return self.instance(pooled), self.cluster(pooled)
+
+
+class Pyramid(nn.Module):
+    """CMT-style backbone with PCLC's twin heads at each of its four stages.
+
+    ``depths``/``widths``/``heads``/``kv_reduction`` are per stage; CMT-Ti is 2-2-10-2,
+    46-92-184-368, 1-2-4-8, 8-4-2-1 (``model_configs/pyramid-cmt-ti.json``). The map sizes are
+    image_size / stem_stride / 2, /4, /8, /16; each stage's map must be at least its reduction.
+    ``predict_stages`` "last" predicts with the last stage's cluster head, "all" with the mean
+    of all four.
+    """
+
+    def __init__(self, clusters: int, image_size: int = 32, depths: tuple = (1, 1, 3, 1),
+                 widths: tuple = (32, 64, 128, 256), heads: tuple = (1, 2, 4, 8), kv_reduction: tuple = (2, 1, 1, 1),
+                 stem_width: int = 16, stem_stride: int = 2, mlp_ratio: float = 3.6, instance_dim: int = 128,
+                 drop_path: float = 0.0, predict_stages: str = "last"):
+        super().__init__()
+        check_shape(image_size, depths, widths, heads, kv_reduction, stem_stride, predict_stages)
+        self.predict_stages = predict_stages
+        self.stem = nn.Sequential(
+            ConvNormAct(3, stem_width, 3, stride=stem_stride, act_layer=nn.GELU),
+            ConvNormAct(stem_width, stem_width, 3, act_layer=nn.GELU),
+            ConvNormAct(stem_width, stem_width, 3, act_layer=nn.GELU),
+        )
+        rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # stochastic depth grows with depth
+        starts = [sum(depths[:i]) for i in range(STAGES)]
+        in_widths = [stem_width, *widths[:-1]]
+        self.stages = nn.ModuleList(
+            Stage(in_widths[i], widths[i], depths[i], heads[i], kv_reduction[i], mlp_ratio,
+                  rates[starts[i]:starts[i] + depths[i]])
+            for i in range(STAGES)
+        )
+        self.heads = nn.ModuleList(TwinHeads(w, instance_dim, clusters) for w in widths)
+
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The four stages' feature maps [B, widths[i], H_i, W_i] of images [B, 3, S, S]."""
+        maps, x = [], self.stem(images)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
+        """Two augmented views [B, 3, S, S] -> [(z_a, z_b, c_a, c_b)] per stage, first to last."""
+        maps_a, maps_b = self.pyramid(view_a), self.pyramid(view_b)
+        outputs = []
+        for heads, map_a, map_b in zip(self.heads, maps_a, maps_b):
+            (z_a, c_a), (z_b, c_b) = heads(map_a), heads(map_b)
+            outputs.append((z_a, z_b, c_a, c_b))
+        return outputs
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Cluster probabilities [B, K] of clean images: the last stage's cluster head, or the stages' mean."""
+        maps = self.pyramid(images)
+        if self.predict_stages == "last":
+            return self.heads[-1](maps[-1])[1]
+        return torch.stack([heads(m)[1] for heads, m in zip(self.heads, maps)]).mean(0)
+
+
+def check_shape(image_size: int, depths, widths, heads, kv_reduction, stem_stride: int, predict_stages: str) -> None:
+    """One-line errors for a pyramid config that cannot build."""
+    if not all(len(v) == STAGES for v in (depths, widths, heads, kv_reduction)):
+        raise UserError(f"pyramid config: depths, widths, heads and kv_reduction need {STAGES} values each")
+    if any(w % h for w, h in zip(widths, heads)):
+        raise UserError(f"pyramid config: each width must divide by its heads, got {widths} and {heads}")
+    sides = [image_size // stem_stride // 2 ** (i + 1) for i in range(STAGES)]
+    if any(side < r for side, r in zip(sides, kv_reduction)):
+        raise UserError(f"pyramid config: stage maps of {sides} px at image_size {image_size} are smaller "
+                        f"than kv_reduction {list(kv_reduction)}")
+    if predict_stages not in ("last", "all"):
+        raise UserError(f"pyramid config: predict_stages is 'last' or 'all', got {predict_stages!r}")

@@ -1,0 +1,94 @@
+"""The feature models' shapes and the properties the MFAVB paper names, and the training pairs."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from rayclust.losses import contrastive_clustering_loss
+from rayclust.models import build_model, model_config
+from rayclust.training import nearest_rows, training_pairs, view_pair
+
+DIM, CLUSTERS, BATCH = 64, 5, 12
+
+
+def mfavb(**overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = model_config("mfavb", tokens=4, width=16, heads=2, dropout=0.0, **overrides)
+    return build_model(config, DIM, CLUSTERS).eval()
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_mfavb_outputs_instance_and_cluster_spaces(blocks):
+    model = mfavb(blocks=blocks)
+    assert len(model.blocks) == blocks
+    heads = model(torch.randn(BATCH, DIM), torch.randn(BATCH, DIM))
+    for z_a, z_b, c_a, c_b in heads:
+        assert z_a.shape == z_b.shape == (BATCH, 128)
+        assert c_a.shape == c_b.shape == (BATCH, CLUSTERS)
+        torch.testing.assert_close(c_a.sum(1), torch.ones(BATCH))
+    probabilities = model.predict(torch.randn(BATCH, DIM))
+    assert probabilities.shape == (BATCH, CLUSTERS)
+
+
+def test_mfavb_fuses_the_two_views():
+    """Each view's output depends on the other view: the fused block mixes them."""
+    model = mfavb(contrast="pair", layer_scale=None)  # full-strength blocks: the effect is plain to see
+    a, b = torch.randn(BATCH, DIM), torch.randn(BATCH, DIM)
+    with torch.no_grad():
+        z_a, _, _, _ = model(a, b)[-1]
+        z_a_other, _, _, _ = model(a, torch.randn(BATCH, DIM))[-1]
+    assert not torch.allclose(z_a, z_a_other, atol=1e-4)
+
+
+def test_mfavb_view_blocks_share_weights():
+    """Swapping the two views swaps the outputs: both views pass through the same weights."""
+    model = mfavb(contrast="pair", layer_scale=None)  # full-strength blocks: the effect is plain to see
+    a, b = torch.randn(BATCH, DIM), torch.randn(BATCH, DIM)
+    with torch.no_grad():
+        z_a, z_b, c_a, c_b = model(a, b)[-1]
+        s_a, s_b, d_a, d_b = model(b, a)[-1]
+    torch.testing.assert_close(z_a, s_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(c_b, d_a, atol=1e-5, rtol=1e-4)
+
+
+def test_ccmlp_heads_and_a_loss_that_trains():
+    torch.manual_seed(0)
+    model = build_model(model_config("ccmlp"), DIM, CLUSTERS)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    a = torch.randn(64, DIM)
+    b = a + 0.1 * torch.randn(64, DIM)
+    losses = []
+    for _ in range(30):
+        loss, _ = contrastive_clustering_loss(model(a, b))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_nearest_rows_finds_the_closest_other_rows():
+    features = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0]], np.float32)
+    nearest = nearest_rows(features, 1, chunk=2)
+    assert nearest[:, 0].tolist() == [1, 0, 3, 2, 2]  # [-1, 0] is least unlike [0, 1]
+    assert nearest_rows(features[:2], 3).tolist() == [[1, 0, 0], [0, 1, 1]]  # a tiny last block still has k
+
+
+def test_training_pairs_carry_views_and_neighbours():
+    rows, views = 6, 3
+    rng = np.random.default_rng(0)
+    batch = pa.table({
+        "embedding": pa.array(list(rng.standard_normal((rows, DIM)).astype(np.float32))),
+        "views": pa.array([list(v) for v in rng.standard_normal((rows, views, DIM)).astype(np.float32)]),
+    })
+    pairs = training_pairs(batch, neighbours=2)
+    assert pairs["views"].shape == (rows, 1 + views, DIM)
+    np.testing.assert_allclose(pairs["views"][:, 0], np.stack(batch.column("embedding").to_numpy(zero_copy_only=False)))
+    assert pairs["neighbours"].shape == (rows, 2, DIM)
+    tensors = {k: torch.from_numpy(v) for k, v in pairs.items()}
+    first, second = view_pair(tensors, torch.Generator().manual_seed(0))
+    assert first.shape == second.shape == (rows, DIM)
+    for row in range(rows):  # the second of each pair is one of that row's neighbours
+        assert any(torch.equal(second[row], n) for n in tensors["neighbours"][row])
