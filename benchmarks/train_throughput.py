@@ -4,8 +4,7 @@ Same data (a feature table in a lake; by default built from the real CIFAR-10 ef
 features in ``shared/data/cifar10-test-effnetlite0.npz``, written as the embed job writes
 it: one Hive partition per shard, one Parquet file per 256-row block), same model (the
 library's ``build_model`` of the ``--model`` config), same loss, optimizer, batch size and
-torch threads (the job's single worker gets both CPUs of a 2-CPU machine once the table is
-materialized), same training pairs (``training_pairs`` with the config's neighbours, ``view_pair``).
+torch threads (the job's single worker on 2 CPUs gets 1 CPU and 1 torch thread), same training pairs (``training_pairs`` with the config's neighbours, ``view_pair``).
 
 The plain loop reads the table once into memory (as a plain PyTorch script would) and
 shuffles indices each epoch. Both report samples/s per epoch over the training loop only
@@ -136,9 +135,8 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=10, help="clusters K (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs; the first is skipped (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per step (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads of the plain loop; the job's 1 worker gets every CPU of a 2-CPU machine "
-                             "when the table is materialized (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the plain loop; the job's 1 worker on 2 CPUs uses 1 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="rounds of plain + job runs, alternating order")
     parser.add_argument("--echo", action="store_true", help="echo the job's output")

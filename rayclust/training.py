@@ -23,7 +23,6 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-from ray.data.dataset import MaterializedDataset
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
@@ -69,14 +68,14 @@ class WorkerPlan:
         return max(1, int(self.cpus_per_worker))
 
 
-def plan_workers(requested: int | None, streaming: bool = True) -> WorkerPlan:
+def plan_workers(requested: int | None) -> WorkerPlan:
     """One worker per GPU; on CPU, workers share all CPUs but one, which Ray Data keeps for reading
-    while it streams (a materialized table needs no reading CPU: the workers get them all)."""
+    (asking for every CPU would wait forever while an actor of an earlier stage still holds one)."""
     gpus = cluster_gpus()
     if gpus:
         return WorkerPlan(requested or gpus, True, 1.0)
     workers = requested or 1
-    spare = max(cluster_cpus() - (1 if streaming else 0), 0.5)
+    spare = max(cluster_cpus() - 1, 0.5)
     return WorkerPlan(workers, False, round(min(spare / workers, spare), 2))
 
 
@@ -134,10 +133,6 @@ def training_dataset(lake: Lake, neighbours: int) -> ray.data.Dataset:
     return dataset
 
 
-def is_materialized(dataset: ray.data.Dataset) -> bool:
-    return isinstance(dataset, MaterializedDataset)
-
-
 def image_training_dataset(uris: list[str], image_size: int) -> ray.data.Dataset:
     """Weak and strong views of the shards' decodable images, streamed and re-augmented every epoch."""
     return read_shards(uris).map_batches(training_views, fn_kwargs={"image_size": image_size},
@@ -177,7 +172,7 @@ def train(settings: TrainSettings) -> dict:
     init_ray()
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     dataset = image_training_dataset(uris, dim) if images else training_dataset(lake, config.get("neighbours", 0))
-    plan = plan_workers(settings.workers, streaming=not is_materialized(dataset))
+    plan = plan_workers(settings.workers)
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
         "epochs": settings.epochs or config["epochs"], "batch_size": settings.batch_size or config["batch_size"],
