@@ -10,7 +10,12 @@ from rayclust.errors import UserError
 
 
 class JobArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit status 2."""
+    """argparse, but a bad flag is one line on stderr and exit status 2, and a flag must be spelt
+    out in full (``--epoch 5`` is an error, not ``--epochs``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -44,7 +49,8 @@ def fraction(text: str) -> float:
 
 
 def run_job(main: Callable[[], object]) -> None:
-    """Run a job's main; user mistakes end as one line and exit status 2, not a traceback."""
+    """Run a job's main; user mistakes end as one line and exit status 1, not a traceback
+    (a bad flag has already exited with 2 in the parser)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         main()

@@ -21,9 +21,13 @@ CIFAR_FEATURES = SHARED_DATA / "cifar10-test-effnetlite0.npz"
 TINY_ENCODER = "open_clip:rayclust-tiny-vit:none"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session(s3_env):
-    """One local Ray for the whole session: starting Ray costs seconds on 2 cores.
+    """One local Ray per test module: starting Ray costs seconds on 2 cores, so tests share it,
+    but not across modules. After a module's many jobs (test_refresh runs dozens of Ray Data
+    stages, Ray Train runs and killed drivers) the driver of a long-lived Ray stopped hearing
+    from the GCS that a new actor was alive, and the next module's embed waited forever for
+    its encoder actor (seen in CI and here, Ray 2.60); a fresh Ray per module avoids it.
 
     Ray's workers inherit the driver's environment when Ray starts, so the test S3
     endpoint and credentials (``s3_env``) are set first; no S3 server is started here.

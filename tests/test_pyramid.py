@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from rayclust.errors import UserError
+from rayclust.labels import evaluate_image_labels, image_shards, infer
 from rayclust.lake import ERRORS, LABELS, MODELS, Lake
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config, pretrained_state
@@ -191,8 +192,6 @@ def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, cifar_s
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
         description = json.load(f)
     assert description["shards"] == str(shards / "*.tar") and description["model_config"]["input"] == "images"
-
-    from rayclust.labels import evaluate_image_labels, infer, image_shards
 
     summary = infer(lake.uri)
     assert (summary.rows, summary.shards) == (1001, 2)

@@ -417,6 +417,7 @@ def test_duckdb_joins_labels_and_features_on_s3(s3_refreshed):
 
 @pytest.fixture(scope="module")
 def spark():
+    """A function that reads a local lake with Spark in a process of its own (tests/spark_read_lake.py)."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("Spark needs a Java runtime (17): no java on PATH and no JAVA_HOME")
     try:
@@ -426,27 +427,26 @@ def spark():
                               capture_output=True, text=True)
         if done.returncode:
             pytest.skip(f"pyspark is not installed and pip could not install it: {done.stderr[-300:]}")
-    from pyspark.sql import SparkSession
 
-    session = (SparkSession.builder.master("local[1]").appName("rayclust-lake-contract")
-               .config("spark.ui.enabled", "false").config("spark.sql.session.timeZone", "UTC")
-               .getOrCreate())
-    yield session
-    session.stop()
+    def read(lake: str) -> dict:
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "spark_read_lake.py"), lake],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return read
 
 
 def check_spark_join(spark, lake: str, shards: int) -> None:
-    labels, features = spark.read.parquet(f"{lake}/labels"), spark.read.parquet(f"{lake}/features")
-    types = {f.name: f.dataType.simpleString() for f in labels.schema.fields}
-    assert types == {"key": "string", "cluster": "int", "confidence": "float", "model_version": "string",
-                     "labeled_at": "timestamp", "write_id": "string", "shard": "string"}
-    feature_types = {f.name: f.dataType.simpleString() for f in features.schema.fields}
-    assert feature_types["embedding"] == "array<float>" and feature_types["views"] == "array<array<float>>"
-    joined = labels.join(features.drop("shard", "write_id"), "key")
-    assert joined.count() == joined.select("key").distinct().count() == shards * SAMPLES
-    assert joined.select("shard").distinct().count() == shards
-    manifest = spark.read.parquet(f"{lake}/manifest/manifest.parquet")
-    assert {f.name for f in manifest.schema.fields} >= {"shard", "uri", "size", "etag", "mtime", "samples"}
+    seen = spark(lake)
+    assert seen["label_types"] == {"key": "string", "cluster": "int", "confidence": "float",
+                                   "model_version": "string", "labeled_at": "timestamp", "write_id": "string",
+                                   "shard": "string"}
+    assert seen["feature_types"]["embedding"] == "array<float>"
+    assert seen["feature_types"]["views"] == "array<array<float>>"
+    assert seen["joined_rows"] == seen["joined_keys"] == shards * SAMPLES
+    assert seen["joined_shards"] == shards
+    assert set(seen["manifest_columns"]) >= {"shard", "uri", "size", "etag", "mtime", "samples"}
 
 
 def test_spark_joins_labels_and_features_locally(spark, incremental):
