@@ -257,7 +257,7 @@ def train_loop(config: dict) -> None:
 @dataclass
 class ShuffleOrder:
     """How a worker orders its rows in one epoch: batches drawn at random from a buffer of
-    ``rows``, seeded per run, epoch and worker so that a seed repeats its run."""
+    ``rows``, seeded per run, epoch and worker so that a seed's batch order repeats."""
 
     rows: int
     seed: int
