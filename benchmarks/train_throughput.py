@@ -4,7 +4,8 @@ Same data (a feature table in a lake; by default built from the real CIFAR-10 ef
 features in ``shared/data/cifar10-test-effnetlite0.npz``, written as the embed job writes
 it: one Hive partition per shard, one Parquet file per 256-row block), same model (the
 library's ``build_model`` of the ``--model`` config), same loss, optimizer, batch size and
-torch threads (the job's single worker on 2 CPUs gets 1 CPU and 1 torch thread), same training pairs (``training_pairs`` with the config's neighbours, ``view_pair``).
+torch threads (the job's single worker on 2 CPUs gets 1 CPU and 1 torch thread), same training
+pairs (``training_pairs`` with the config's neighbours, ``view_pair``).
 
 The plain loop reads the table once into memory (as a plain PyTorch script would) and
 shuffles indices each epoch. Both report samples/s per epoch over the training loop only

@@ -173,11 +173,11 @@ def train(settings: TrainSettings) -> dict:
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     dataset = image_training_dataset(uris, dim) if images else training_dataset(lake, config.get("neighbours", 0))
     plan = plan_workers(settings.workers)
+    batch_size = settings.batch_size or config["batch_size"]
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
-        "epochs": settings.epochs or config["epochs"], "batch_size": settings.batch_size or config["batch_size"],
-        "seed": settings.seed, "threads": plan.threads, "run": run,
-        "shuffle_rows": shuffle_rows(images, settings.batch_size or config["batch_size"]),
+        "epochs": settings.epochs or config["epochs"], "batch_size": batch_size,
+        "seed": settings.seed, "threads": plan.threads, "run": run, "shuffle_rows": shuffle_rows(images, batch_size),
         "encoder": None if images else read_sample(lake, FEATURES, ["encoder"], 1).column("encoder")[0].as_py(),
         "shards": absolute_pattern(settings.shards) if images else None,
         "init": settings.init, "init_weights": ray.put(init) if init else None,

@@ -23,11 +23,11 @@ TINY_ENCODER = "open_clip:rayclust-tiny-vit:none"
 
 @pytest.fixture(scope="module")
 def ray_session(s3_env):
-    """One local Ray per test module: starting Ray costs seconds on 2 cores, so tests share it,
-    but not across modules. After a module's many jobs (test_refresh runs dozens of Ray Data
-    stages, Ray Train runs and killed drivers) the driver of a long-lived Ray stopped hearing
-    from the GCS that a new actor was alive, and the next module's embed waited forever for
-    its encoder actor (seen in CI and here, Ray 2.60); a fresh Ray per module avoids it.
+    """One local Ray per test module: starting Ray costs seconds on 2 cores, so a module's tests
+    share it, but a module that breaks its Ray does not take the next module's down with it.
+    (The one such breakage seen, the driver losing its GCS subscription, came from a JVM started
+    in the test process beside the driver: Spark now runs in a process of its own, see
+    tests/spark_read_lake.py.)
 
     Ray's workers inherit the driver's environment when Ray starts, so the test S3
     endpoint and credentials (``s3_env``) are set first; no S3 server is started here.
