@@ -42,6 +42,8 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "mfavb-2-no-neighbours": ("mfavb", {"blocks": 2, "neighbours": 0}),
     "mfavb-2-pair-contrast": ("mfavb", {"blocks": 2, "contrast": "pair"}),
     "mfavb-2-10-epochs": ("mfavb", {"blocks": 2, "epochs": 10}),
+    "ccmlp-no-self-label": ("ccmlp", {"self_label_epochs": 0}),
+    "mfavb-2-no-self-label": ("mfavb", {"blocks": 2, "self_label_epochs": 0}),
 }
 ROWS_PER_SHARD = 1000
 

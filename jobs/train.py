@@ -18,7 +18,10 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--model", default="mfavb", choices=available_models(), help="model (default: %(default)s)")
     parser.add_argument("--clusters", type=at_least(2), default=10, help="number of clusters K (default: %(default)s)")
     parser.add_argument("--epochs", type=at_least(1), default=None,
-                        help="training epochs (default: the model config's, see docs/models.md)")
+                        help="contrastive training epochs (default: the model config's, see docs/models.md)")
+    parser.add_argument("--self-label-epochs", type=at_least(0), default=None,
+                        help="feature models: self-labelling epochs after the contrastive ones, 0 for none "
+                             "(default: the model config's)")
     parser.add_argument("--batch-size", type=at_least(1), default=None,
                         help="samples per worker per step; the loss sees workers x this (default: the model config's)")
     parser.add_argument("--workers", type=at_least(1), default=None,
@@ -41,8 +44,9 @@ def main() -> None:
 
     from rayclust.training import TrainSettings, train
 
-    train(TrainSettings(args.lake, args.model, args.clusters, args.epochs, args.batch_size, args.workers,
-                        args.run, args.seed, shards=args.shards, init=args.init))
+    train(TrainSettings(args.lake, args.model, args.clusters, epochs=args.epochs, batch_size=args.batch_size,
+                        workers=args.workers, run=args.run, seed=args.seed, shards=args.shards, init=args.init,
+                        self_label_epochs=args.self_label_epochs))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Contrastive Clustering's losses (Li et al., AAAI 2021), over the global batch.
+"""Contrastive Clustering's losses (Li et al., AAAI 2021), over the global batch, and SCAN's
+self-labelling loss that follows them.
 
 Under DDP every worker all-gathers the projections of all workers *with gradients*,
 so N workers of batch b optimise exactly the loss of one batch of N*b.
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 INSTANCE_TEMPERATURE = 0.5
 CLUSTER_TEMPERATURE = 1.0
+SELF_LABEL_THRESHOLD = 0.9
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -64,3 +66,21 @@ def contrastive_clustering_loss(heads: list[HeadOutputs]) -> tuple[torch.Tensor,
         cluster = cluster + cluster_loss(c_a, c_b)
     instance, cluster = instance / len(heads), cluster / len(heads)
     return instance + cluster, {"instance_loss": instance.item(), "cluster_loss": cluster.item()}
+
+
+def self_labelling_loss(probs: torch.Tensor, target_probs: torch.Tensor,
+                        threshold: float) -> tuple[torch.Tensor, float]:
+    """SCAN's self-labelling step (Van Gansbeke et al., ECCV 2020): a row whose target view is
+    assigned with confidence above ``threshold`` becomes a pseudo-label for its other view.
+
+    Cross-entropy weighted by the inverse frequency of each pseudo-label in the batch, so that
+    confident large clusters do not absorb the rest. Returns (loss, fraction of rows kept).
+    """
+    confidence, target = target_probs.max(dim=1)
+    keep = confidence > threshold
+    if not keep.any():
+        return probs.sum() * 0.0, 0.0
+    counts = torch.bincount(target[keep], minlength=probs.shape[1]).float()
+    weight = counts.sum() / (counts.clamp_min(1) * (counts > 0).sum())
+    loss = F.nll_loss(torch.log(probs[keep].clamp_min(1e-8)), target[keep], weight=weight)
+    return loss, keep.float().mean().item()

@@ -9,11 +9,13 @@ again with the same ``run`` name resumes from that run's last checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,13 +24,13 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
 from rayclust.evaluation import QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
-from rayclust.losses import contrastive_clustering_loss
+from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, self_labelling_loss
 from rayclust.models import build_model, is_image_model, model_config, pretrained_state
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
@@ -46,7 +48,7 @@ class TrainSettings:
     lake: str
     model: str = "mfavb"
     clusters: int = 10
-    epochs: int | None = None  # None: the model config's
+    epochs: int | None = None  # contrastive epochs; None: the model config's
     batch_size: int | None = None  # None: the model config's
     workers: int | None = None
     run: str | None = None
@@ -55,6 +57,7 @@ class TrainSettings:
     init: str | None = None  # a local checkpoint to start from (tensors matched by name and shape)
     overrides: dict = field(default_factory=dict)  # model config values replacing the JSON's
     evaluate: bool = True  # print ACC/NMI/ARI against k-means when the features carry labels
+    self_label_epochs: int | None = None  # after the contrastive ones; None: the model config's (0 if it has none)
 
 
 @dataclass
@@ -127,10 +130,19 @@ def training_dataset(lake: Lake, neighbours: int) -> ray.data.Dataset:
         .map_batches(training_pairs, fn_kwargs={"neighbours": neighbours}, batch_size=NEIGHBOUR_BLOCK,
                      batch_format="pyarrow")
     )
+    dataset.context.execution_options.preserve_order = True  # the seeded shuffle repeats only over a fixed row order
     store = ray.available_resources().get("object_store_memory", 0)
     if lake.fs.du(lake.path(FEATURES)) * (1 + neighbours / 2) <= MATERIALIZE_FRACTION * store:
         return dataset.materialize()
     return dataset
+
+
+def ingest_options(ordered: bool) -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options; ``ordered`` keeps the table's row order so that a seed's
+    shuffle repeats (with one worker: several workers pull blocks as they come)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = ordered
+    return options
 
 
 def image_training_dataset(uris: list[str], image_size: int) -> ray.data.Dataset:
@@ -167,6 +179,10 @@ def train(settings: TrainSettings) -> dict:
     uris = training_shards(lake, settings, images)
     if settings.clusters < 2:
         raise UserError("--clusters must be at least 2")
+    self_label_epochs = config.get("self_label_epochs", 0) if settings.self_label_epochs is None \
+        else settings.self_label_epochs
+    if images and self_label_epochs:
+        raise UserError(f"--model {settings.model} trains on images: self-labelling is for feature models")
     dim = config["image_size"] if images else feature_shape(lake)[0]
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
@@ -176,7 +192,8 @@ def train(settings: TrainSettings) -> dict:
     batch_size = settings.batch_size or config["batch_size"]
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
-        "epochs": settings.epochs or config["epochs"], "batch_size": batch_size,
+        "epochs": settings.epochs or config["epochs"], "self_label_epochs": self_label_epochs,
+        "batch_size": batch_size,
         "seed": settings.seed, "threads": plan.threads, "run": run, "shuffle_rows": shuffle_rows(images, batch_size),
         "encoder": None if images else read_sample(lake, FEATURES, ["encoder"], 1).column("encoder")[0].as_py(),
         "shards": absolute_pattern(settings.shards) if images else None,
@@ -193,6 +210,7 @@ def train(settings: TrainSettings) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest_options(ordered=not images)),
     )
     print(f"training {settings.model} run {run}: {plan.workers} worker(s), "
           f"{'GPU' if plan.use_gpu else f'{plan.cpus_per_worker} CPU each'}", flush=True)
@@ -232,7 +250,9 @@ def train_loop(config: dict) -> None:
     saved = load_training_state(ray.train.get_checkpoint())
     if saved:
         model.load_state_dict(saved["model"])
-    model = ray.train.torch.prepare_model(model)
+    # the self-labelling step uses the cluster head alone; DDP must not wait for the instance head's gradients
+    unused = {"find_unused_parameters": config["self_label_epochs"] > 0}
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=unused)
     hyper = config["model_config"]
     optimizer = torch.optim.Adam(model.parameters(), lr=hyper["lr"], weight_decay=hyper["weight_decay"])
     start_epoch = 0
@@ -243,15 +263,25 @@ def train_loop(config: dict) -> None:
             print(f"resumed run {config['run']} after epoch {saved['epoch']}", flush=True)
     generator = torch.Generator().manual_seed(config["seed"] + 1000 * start_epoch)
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, config["epochs"]):
+    epochs = config["epochs"] + config["self_label_epochs"]
+    threshold = hyper.get("self_label_threshold", SELF_LABEL_THRESHOLD)
+    for epoch in range(start_epoch, epochs):
         order = ShuffleOrder(config["shuffle_rows"], seed=config["seed"] * 10_000 + epoch * 100 + rank)
-        metrics = train_epoch(model, optimizer, shard, config["batch_size"], generator, order)
-        metrics.update(epoch=epoch, samples_per_second=metrics["samples_per_second"] * world)
+        if epoch < config["epochs"]:
+            phase, step = "contrastive", contrastive_step
+        else:
+            phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
+        metrics = train_epoch(model, optimizer, shard, config["batch_size"], generator, order, step)
+        metrics.update(epoch=epoch, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.4f} "
-                  f"(instance {metrics['instance_loss']:.4f}, cluster {metrics['cluster_loss']:.4f}), "
-                  f"{metrics['samples_per_second']:.0f} samples/s", flush=True)
+            print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}", flush=True)
         report_with_checkpoint(metrics, model, optimizer, epoch, config, rank)
+
+
+def epoch_summary(metrics: dict) -> str:
+    parts = ", ".join(f"{name.removesuffix('_loss')} {metrics[name]:.4f}"
+                      for name in ("instance_loss", "cluster_loss", "kept") if name in metrics)
+    return f"loss {metrics['loss']:.4f} ({parts}), {metrics['samples_per_second']:.0f} samples/s"
 
 
 @dataclass
@@ -271,9 +301,14 @@ def shuffle_rows(images: bool, batch_size: int) -> int:
     return 4 * batch_size if images else max(NEIGHBOUR_BLOCK, 4 * batch_size)
 
 
-def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Generator, order: ShuffleOrder) -> dict:
+Step = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Generator, order: ShuffleOrder,
+                step: Step) -> dict:
+    """One pass over the worker's shard; ``step`` turns a batch into (loss, parts to log)."""
     model.train()
-    totals = {"loss": 0.0, "instance_loss": 0.0, "cluster_loss": 0.0}
+    totals: dict[str, float] = {}
     steps = samples = 0
     started = time.perf_counter()
     batches = shard.iter_torch_batches(
@@ -282,20 +317,35 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
         device=ray.train.torch.get_device(),
     )
     for batch in batches:
-        view_a, view_b = view_pair(batch, generator)
-        loss, parts = contrastive_clustering_loss(model(view_a, view_b))
+        loss, parts = step(model, batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals["loss"] += loss.item()
-        for name, value in parts.items():
-            totals[name] += value
+        for name, value in {"loss": loss.item(), **parts}.items():
+            totals[name] = totals.get(name, 0.0) + value
         steps += 1
-        samples += view_a.shape[0]
+        samples += len(next(iter(batch.values())))
     if steps == 0:
         raise UserError(f"no full batch of {batch_size} samples per worker: lower --batch-size or --workers")
     means = {name: total / steps for name, total in totals.items()}
     return {**means, "samples_per_second": samples / (time.perf_counter() - started)}
+
+
+def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    """Contrastive Clustering's instance and cluster losses on a positive pair."""
+    return contrastive_clustering_loss(model(*view_pair(batch, generator)))
+
+
+def self_labelling_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator, threshold: float):
+    """SCAN's self-labelling: the confident clusters of the clean features teach one augmented view per row."""
+    views = batch["views"]
+    with torch.no_grad():
+        targets = model(views[:, 0])
+    rows = torch.arange(views.shape[0], device=views.device)
+    first_augmented = 1 if views.shape[1] > 1 else 0
+    pick = torch.randint(first_augmented, views.shape[1], (len(rows),), generator=generator).to(views.device)
+    loss, kept = self_labelling_loss(model(views[rows, pick]), targets, threshold)
+    return loss, {"kept": kept}
 
 
 def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "train-one-cluster": (["train.py", "--lake", empty, "--clusters", "1"], "--clusters"),
         "train-epochs-not-a-number": (["train.py", "--lake", empty, "--epochs", "x"], "invalid int value"),
         "train-abbreviated-flag": (["train.py", "--lake", empty, "--epoch", "5"], "unrecognized arguments: --epoch"),
+        "train-negative-self-label": (["train.py", "--lake", empty, "--self-label-epochs", "-1"], "at least 0"),
         "infer-no-model": (["infer.py", "--lake", empty], "no trained model"),
         "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
         "refresh-no-model": (["refresh.py", "--shards", SHARD, "--lake", empty], "no trained model"),

@@ -8,7 +8,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from rayclust.losses import cluster_entropy, cluster_loss, contrastive_clustering_loss, instance_loss
+from rayclust.losses import (cluster_entropy, cluster_loss, contrastive_clustering_loss, instance_loss,
+                             self_labelling_loss)
 
 
 def test_instance_loss_prefers_matching_views():
@@ -33,6 +34,29 @@ def test_cluster_loss_penalises_collapse():
     collapsed = torch.zeros(64, 10)
     collapsed[:, 3] = 1
     assert cluster_loss(confident, confident) < cluster_loss(collapsed, collapsed)
+
+
+def test_self_labelling_loss_learns_only_from_confident_rows():
+    targets = torch.tensor([[0.95, 0.05], [0.55, 0.45], [0.02, 0.98], [0.5, 0.5]])
+    probs = torch.tensor([[0.6, 0.4], [0.1, 0.9], [0.3, 0.7], [0.9, 0.1]], requires_grad=True)
+    loss, kept = self_labelling_loss(probs, targets, threshold=0.9)
+    assert kept == 0.5
+    # rows 0 and 2 are confident (one per class, so equal weights): mean of -log p(pseudo-label)
+    assert loss.item() == pytest.approx(-(math.log(0.6) + math.log(0.7)) / 2, rel=1e-5)
+    loss.backward()
+    assert probs.grad[[1, 3]].abs().sum() == 0  # unconfident rows teach nothing
+
+
+def test_self_labelling_loss_weighs_rare_pseudo_labels_up_and_survives_no_confident_row():
+    targets = torch.tensor([[0.99, 0.01]] * 3 + [[0.01, 0.99]])
+    probs = torch.tensor([[0.5, 0.5]] * 3 + [[0.9, 0.1]])
+    loss, _ = self_labelling_loss(probs, targets, threshold=0.9)
+    # class 1 is a quarter of the kept rows but half of the weight
+    assert loss.item() == pytest.approx((-math.log(0.5) - math.log(0.1)) / 2, rel=1e-5)
+    probs = torch.full((4, 2), 0.5, requires_grad=True)
+    loss, kept = self_labelling_loss(probs, probs.detach(), threshold=0.9)
+    assert kept == 0.0 and loss.item() == 0.0
+    loss.backward()  # a batch without a confident row still steps (DDP needs every worker's backward)
 
 
 def small_model() -> nn.Module:

@@ -28,8 +28,10 @@ def test_mfavb_outputs_instance_and_cluster_spaces(blocks):
         assert z_a.shape == z_b.shape == (BATCH, 128)
         assert c_a.shape == c_b.shape == (BATCH, CLUSTERS)
         torch.testing.assert_close(c_a.sum(1), torch.ones(BATCH))
-    probabilities = model.predict(torch.randn(BATCH, DIM))
+    clean = torch.randn(BATCH, DIM)
+    probabilities = model.predict(clean)
     assert probabilities.shape == (BATCH, CLUSTERS)
+    torch.testing.assert_close(model(clean), probabilities)  # one view: what the self-labelling step trains
 
 
 def test_mfavb_fuses_the_two_views():

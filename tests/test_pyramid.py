@@ -155,6 +155,7 @@ def test_wrong_input_is_a_one_line_error_before_ray_starts(tmp_path, cifar_shard
     cases = {
         "give --shards": ["--model", "pyramid"],
         "--init checkpoint not found": ["--model", "pyramid", "--shards", shard, "--init", str(tmp_path / "no.pt")],
+        "self-labelling is for feature models": ["--model", "pyramid", "--shards", shard, "--self-label-epochs", "2"],
     }
 
     def run(args):

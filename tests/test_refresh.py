@@ -123,7 +123,8 @@ def trained_lake(ray_session, source, tmp_path_factory) -> Path:
 
     lake = tmp_path_factory.mktemp("refresh") / "lake"
     embed(str(source / f"{SHARDS[0]}.tar"), str(lake), TINY_ENCODER, views=2, batch_size=64)
-    train(TrainSettings(str(lake), "mfavb", clusters=CLUSTERS, epochs=1, batch_size=64, run="tiny"))
+    train(TrainSettings(str(lake), "mfavb", clusters=CLUSTERS, epochs=1, batch_size=64, run="tiny",
+                        self_label_epochs=1))
     return lake
 
 
@@ -200,7 +201,7 @@ def test_rerun_took_over_the_killed_runs_lock_and_recorded_every_shard(crash_and
     manifest = pq.read_table(lake / "manifest" / "manifest.parquet").to_pylist()
     assert [(m["shard"], m["samples"], m["bad_samples"]) for m in manifest] == [
         (SHARDS[0], SAMPLES, 0), (SHARDS[1], SAMPLES, 1), (SHARDS[2], SAMPLES, 0)]
-    assert {m["model_version"] for m in manifest} == {"tiny/epoch-0"}
+    assert {m["model_version"] for m in manifest} == {"tiny/epoch-1"}
     assert all(m["size"] > 0 and m["mtime"] is not None and m["etag"] is None for m in manifest)
     assert re.search(r"shards seen +3\n", log) and re.search(r"samples labelled +600 ", log), log
 
@@ -281,7 +282,7 @@ def test_drift_is_judged_against_the_models_earlier_labels(incremental):
     drift = incremental["one_new"].drift
     assert drift.judged, str(drift)
     assert drift.baseline.samples == 3 * SAMPLES and drift.new.samples == SAMPLES
-    assert drift.baseline.model_version == "tiny/epoch-0"
+    assert drift.baseline.model_version == "tiny/epoch-1"
     assert 0.0 <= drift.cluster_shift <= 1.0 and abs(sum(drift.new.cluster_fractions) - 1) < 1e-5
     assert "drift:" in str(incremental["one_new"]) and "cluster sizes" in str(drift)
     assert incremental["one_new"].exit_code(fail_on_drift=True) == (3 if drift.detected else 0)
@@ -314,7 +315,7 @@ def test_changed_shard_is_reprocessed_and_zero_limits_flag_drift(incremental):
 def test_every_label_row_carries_the_model_version(incremental):
     versions = duckdb.execute(f"""SELECT DISTINCT model_version FROM
         read_parquet('{incremental['lake']}/labels/*/*.parquet')""").fetchall()
-    assert versions == [("tiny/epoch-0",)]
+    assert versions == [("tiny/epoch-1",)]
 
 
 # --- the same on S3 -----------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def test_refresh_on_s3_commits_each_shard_once(s3_refreshed):
 
 
 def test_new_latest_labels_new_shards_and_infer_relabels_the_rest(s3_refreshed):
-    assert s3_refreshed["versions_after_refresh"] == {NEW_VERSION: set(SHARDS[2:]), "tiny/epoch-0": set(SHARDS[:2])}
+    assert s3_refreshed["versions_after_refresh"] == {NEW_VERSION: set(SHARDS[2:]), "tiny/epoch-1": set(SHARDS[:2])}
     assert "no baseline" in str(s3_refreshed["report"].drift)  # nothing else carries the new version yet
     assert s3_refreshed["relabelled"].rows == len(SHARDS) * SAMPLES
     assert labels_by_version(s3_refreshed["fs"], s3_refreshed["root"]) == {NEW_VERSION: set(SHARDS)}

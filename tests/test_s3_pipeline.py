@@ -36,7 +36,8 @@ def s3_pipeline(s3_server, raw_on_s3, ray_session) -> dict:
     lake = f"s3://{s3_server.bucket}/lake"
     embedded = embed(f"{raw_on_s3}/cifar10-test-{{000000..000001}}.tar", lake, TINY_ENCODER, views=2,
                      batch_size=64)
-    latest = train(TrainSettings(lake, "mfavb", clusters=CLUSTERS, epochs=2, batch_size=64, run="s3-run"))
+    latest = train(TrainSettings(lake, "mfavb", clusters=CLUSTERS, epochs=2, batch_size=64, run="s3-run",
+                                 self_label_epochs=1))
     inferred = infer(lake, batch_size=512)
     return {"lake": lake, "embedded": embedded, "latest": latest, "inferred": inferred,
             "fs": s3_server.filesystem(), "root": f"{s3_server.bucket}/lake"}
@@ -73,7 +74,7 @@ def test_latest_points_at_the_trained_checkpoint(s3_pipeline):
     fs, root, latest = s3_pipeline["fs"], s3_pipeline["root"], s3_pipeline["latest"]
     with fs.open(f"{root}/models/LATEST") as f:
         assert json.load(f) == latest
-    assert latest["model_version"] == "s3-run/epoch-1" and latest["clusters"] == CLUSTERS
+    assert latest["model_version"] == "s3-run/epoch-2" and latest["clusters"] == CLUSTERS
     assert fs.exists(f"{root}/{latest['checkpoint']}/model.pt")
 
 
@@ -109,10 +110,10 @@ def test_local_lake_end_to_end(ray_session, cifar_shards, tmp_path):
     lake = str(tmp_path / "lake")
     embedded = embed(str(cifar_shards / "cifar10-test-00000{2..2}.tar"), lake, TINY_ENCODER, views=2,
                      batch_size=64)
-    latest = train(TrainSettings(lake, clusters=CLUSTERS, epochs=1, batch_size=64, run="local"))
+    latest = train(TrainSettings(lake, clusters=CLUSTERS, epochs=1, batch_size=64, run="local", self_label_epochs=1))
     inferred = infer(lake, batch_size=512)
     assert embedded.samples == inferred.rows == 1000
-    assert json.loads((tmp_path / "lake" / "models" / "LATEST").read_text())["model_version"] == "local/epoch-0"
+    assert json.loads((tmp_path / "lake" / "models" / "LATEST").read_text())["model_version"] == "local/epoch-1"
     labels = duckdb.execute(f"""SELECT count(*), count(DISTINCT key), min(cluster), max(cluster), min(confidence)
                             FROM read_parquet('{lake}/labels/*/*.parquet')""").fetchone()
     assert labels[0] == labels[1] == 1000

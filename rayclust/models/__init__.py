@@ -12,7 +12,9 @@ if TYPE_CHECKING:  # torch is imported by build_model's callers; listing models 
 from rayclust.errors import UserError
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
-TRAINING_KEYS = ("lr", "weight_decay", "neighbours", "epochs", "batch_size")  # the recipe, not the network
+TRAINING_KEYS = (  # the recipe, not the network
+    "lr", "weight_decay", "neighbours", "epochs", "batch_size", "self_label_epochs", "self_label_threshold",
+)
 
 
 def available_models() -> list[str]:

@@ -20,11 +20,14 @@ class CCMLP(nn.Module):
         self.instance_head = projection_head(feature_dim, instance_dim)
         self.cluster_head = nn.Sequential(projection_head(feature_dim, clusters), nn.Softmax(dim=1))
 
-    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
-        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)]."""
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor | None = None):
+        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)]; of one view -> its
+        cluster probabilities [B, K] (the self-labelling step)."""
+        if view_b is None:
+            return self.cluster_head(self.norm(view_a))
         h_a, h_b = self.norm(view_a), self.norm(view_b)
         return [(self.instance_head(h_a), self.instance_head(h_b), self.cluster_head(h_a), self.cluster_head(h_b))]
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return self.cluster_head(self.norm(features))
+        return self(features)

@@ -83,8 +83,9 @@ class MFAVB(nn.Module):
             a, b = block(a, b)
         return self.norm(a.flatten(1)), self.norm(b.flatten(1))
 
-    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
-        """Features of a positive pair [B, D] -> [(z_a, z_b, c_a, c_b), ...] for the loss.
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor | None = None):
+        """Features of a positive pair [B, D] -> [(z_a, z_b, c_a, c_b), ...] for the loss; of one
+        view -> its cluster probabilities [B, K], the feature fused with itself (self-labelling).
 
         "pair" contrasts the two halves of one fused sequence, as the paper reads literally; but
         each half has seen the other, so the fused block can make them agree by copying
@@ -92,6 +93,8 @@ class MFAVB(nn.Module):
         fused half with the other view fused with itself, the computation ``predict`` does;
         a half cannot copy a view it was never shown. See docs/models.md.
         """
+        if view_b is None:
+            return self.cluster_head(self.encode(view_a, view_a)[0])
         fused_a, fused_b = self.encode(view_a, view_b)
         if self.contrast == "pair":
             return [self.heads(fused_a, fused_b)]
@@ -105,4 +108,4 @@ class MFAVB(nn.Module):
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Cluster probabilities [B, K] of clean features: the feature is its own positive pair."""
-        return self.cluster_head(self.encode(features, features)[0])
+        return self(features)
