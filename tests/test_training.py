@@ -51,6 +51,15 @@ def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_featur
     assert report.rows[latest["model_version"]]["acc"] > 0.2, report  # chance is 0.1 on CIFAR-10
 
 
+def test_one_worker_run_repeats_with_its_seed(ray_session, real_feature_lake):
+    """The seeded shuffle repeats only if Ray Data hands the table's rows over in the same order."""
+    runs = [train(TrainSettings(real_feature_lake.uri, "ccmlp", clusters=10, epochs=2, batch_size=128, workers=1,
+                                run=f"repeat-{attempt}", seed=3, self_label_epochs=1, evaluate=False))
+            for attempt in "ab"]
+    first, second = (latest["metrics"] for latest in runs)
+    assert first["loss"] == second["loss"] and first["kept"] == second["kept"], (first, second)
+
+
 def run_train_job(lake: str, run: str, epochs: int, log: Path) -> subprocess.Popen:
     """The train job in its own process group (with its own local Ray), output to ``log``."""
     command = [sys.executable, str(REPO / "jobs" / "train.py"), "--lake", lake, "--run", run,
