@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -19,6 +20,23 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR_SHARDS = SHARED_DATA / "cifar10-test-wds"
 CIFAR_FEATURES = SHARED_DATA / "cifar10-test-effnetlite0.npz"
 PYTHON = sys.executable
+EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ \(([a-z-]+)\): loss ([\d.]+) .*?, (\d+(?:\.\d+)?) samples/s")
+
+
+@dataclass
+class EpochLine:
+    phase: str  # "contrastive" or "self-labelling"
+    loss: float
+    samples_per_second: float
+
+
+def epoch_lines(output: str) -> list[EpochLine]:
+    """The train job's per-epoch lines, in epoch order. Ray may print a worker's line twice
+    (worker log + driver): one per epoch is kept."""
+    by_epoch = {}
+    for epoch, phase, loss, rate in EPOCH_LINE.findall(output):
+        by_epoch.setdefault(int(epoch), EpochLine(phase, float(loss), float(rate)))
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def cifar_pattern(count: int) -> str:

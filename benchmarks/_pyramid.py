@@ -16,10 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PYTHON, cifar_pattern, header, run_monitored, table  # noqa: E402
+from _common import PYTHON, cifar_pattern, epoch_lines, header, run_monitored, table  # noqa: E402
 
 QUALITY_LINE = re.compile(r"rayclust labels\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)")
-EPOCH_LINE = re.compile(r"epoch (\d+)/\d+: loss ([\d.]+) .*?, (\d+(?:\.\d+)?) samples/s")
 
 
 def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int, seed: int = 0, batch_size: int = 128,
@@ -39,14 +38,12 @@ def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int, seed: int =
     quality = QUALITY_LINE.findall(inferred.output)
     if not quality:
         raise SystemExit(f"no quality table in the infer job's output:\n{inferred.output[-3000:]}")
-    by_epoch = {}  # Ray may print a worker's line twice (worker log + driver)
-    for epoch, loss, rate in EPOCH_LINE.findall(trained.output):
-        by_epoch.setdefault(int(epoch), (float(loss), float(rate)))
+    epochs_printed = epoch_lines(trained.output)
     acc, nmi, ari = (float(v) for v in quality[-1])
     return {"acc": acc, "nmi": nmi, "ari": ari, "seconds": trained.seconds, "infer_seconds": inferred.seconds,
             "cpu_seconds": trained.memory.tree_cpu_seconds, "other_cores": trained.memory.other_cores,
-            "losses": [by_epoch[e][0] for e in sorted(by_epoch)],
-            "samples_per_second": [by_epoch[e][1] for e in sorted(by_epoch)]}
+            "losses": [e.loss for e in epochs_printed],
+            "samples_per_second": [e.samples_per_second for e in epochs_printed]}
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CIFAR_FEATURES, PYTHON, REPO, header, mib, run_monitored, table  # noqa: E402
+from _common import CIFAR_FEATURES, PYTHON, REPO, epoch_lines, header, mib, run_monitored, table  # noqa: E402
 
 GOAL = 0.8
 
@@ -101,13 +100,10 @@ def plain_loop(args) -> None:
 
 def run_job(args, lake: str) -> dict:
     command = [PYTHON, "jobs/train.py", "--lake", lake, "--model", args.model, "--clusters", str(args.clusters),
-               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", "1",
-               "--seed", str(args.seed), "--run", f"bench-{time.time_ns()}"]
-    done = run_monitored(command, interval=1.0, echo=args.echo)
-    by_epoch = {}  # Ray may print a worker's line twice (worker log + driver); keep one per epoch
-    for epoch, rate in re.findall(r"epoch (\d+)/\d+: .*?, (\d+(?:\.\d+)?) samples/s", done.output):
-        by_epoch.setdefault(int(epoch), float(rate))
-    rates = [by_epoch[e] for e in sorted(by_epoch)]
+               "--epochs", str(args.epochs), "--self-label-epochs", "0", "--batch-size", str(args.batch_size),
+               "--workers", "1", "--seed", str(args.seed), "--run", f"bench-{time.time_ns()}"]
+    done = run_monitored(command, interval=1.0, echo=args.echo)  # contrastive epochs only, like the plain loop
+    rates = [e.samples_per_second for e in epoch_lines(done.output)]
     if len(rates) != args.epochs:
         raise SystemExit(f"expected {args.epochs} epoch lines from the job:\n{done.output[-3000:]}")
     return {"rates": rates, "wall_seconds": done.seconds, "peak_rss_mib": mib(done.memory.peak_rss),
