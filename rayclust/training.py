@@ -30,8 +30,9 @@ from ray.train.torch import TorchTrainer
 from rayclust.errors import UserError
 from rayclust.evaluation import QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
-from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, self_labelling_loss
+from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, model_config, pretrained_state
+from rayclust.models.heads import co_assignments
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
 from rayclust.views import training_views
@@ -46,7 +47,7 @@ CONFIG_FILE = "config.json"
 @dataclass
 class TrainSettings:
     lake: str
-    model: str = "mfavb"
+    model: str = "ccmlp"  # the best on the quality benchmark (BENCHMARKS.md)
     clusters: int = 10
     epochs: int | None = None  # contrastive epochs; None: the model config's
     batch_size: int | None = None  # None: the model config's
@@ -261,6 +262,7 @@ def train_loop(config: dict) -> None:
         start_epoch = saved["epoch"] + 1
         if rank == 0:
             print(f"resumed run {config['run']} after epoch {saved['epoch']}", flush=True)
+    consensus = saved.get("consensus", {}) if saved else {}  # how the cluster heads were aligned, once they are
     generator = torch.Generator().manual_seed(config["seed"] + 1000 * start_epoch)
     shard = ray.train.get_dataset_shard("train")
     epochs = config["epochs"] + config["self_label_epochs"]
@@ -272,10 +274,32 @@ def train_loop(config: dict) -> None:
         else:
             phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
         metrics = train_epoch(model, optimizer, shard, config["batch_size"], generator, order, step)
+        co_assigned = metrics.pop("co_assignments", None)
         metrics.update(epoch=epoch, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
             print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}", flush=True)
-        report_with_checkpoint(metrics, model, optimizer, epoch, config, rank)
+        if epoch == config["epochs"] - 1 and co_assigned is not None:
+            consensus = align_cluster_heads(model, co_assigned, rank)
+        metrics.update(consensus)
+        report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, consensus)
+
+
+def align_cluster_heads(model, co_assigned: torch.Tensor, rank: int) -> dict:
+    """At the end of the contrastive epochs, renumber the cluster heads' clusters to agree, from
+    their co-assignments over the last epoch on every worker (``ClusterHeads.align``); from then
+    on they label together."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(co_assigned)
+    reference, agreement = unwrap(model).cluster_head.align(co_assigned)
+    agreement = [round(share, 3) for share in agreement]
+    if rank == 0:
+        print(f"cluster heads aligned to head {reference}; their agreement with it: {agreement}", flush=True)
+    return {"reference_head": reference, "head_agreement": agreement}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's wrapper."""
+    return model.module if hasattr(model, "module") else model
 
 
 def epoch_summary(metrics: dict) -> str:
@@ -306,9 +330,10 @@ Step = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, di
 
 def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Generator, order: ShuffleOrder,
                 step: Step) -> dict:
-    """One pass over the worker's shard; ``step`` turns a batch into (loss, parts to log)."""
+    """One pass over the worker's shard; ``step`` turns a batch into (loss, parts to log: numbers
+    or tensors, averaged over the epoch)."""
     model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, float | torch.Tensor] = {}
     steps = samples = 0
     started = time.perf_counter()
     batches = shard.iter_torch_batches(
@@ -332,20 +357,30 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
 
 
 def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator):
-    """Contrastive Clustering's instance and cluster losses on a positive pair."""
-    return contrastive_clustering_loss(model(*view_pair(batch, generator)))
+    """Contrastive Clustering's instance and cluster losses on a positive pair; with several cluster
+    heads, also which clusters they assign the first view to together (for ``align_cluster_heads``)."""
+    outputs = model(*view_pair(batch, generator))
+    loss, parts = contrastive_clustering_loss(outputs)
+    cluster_probabilities = per_cluster_head(outputs[0][2]).detach()
+    if len(cluster_probabilities) > 1:
+        parts["co_assignments"] = co_assignments(cluster_probabilities)
+    return loss, parts
 
 
 def self_labelling_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator, threshold: float):
-    """SCAN's self-labelling: the confident clusters of the clean features teach one augmented view per row."""
+    """SCAN's self-labelling: each cluster head's confident clusters of the clean features teach it
+    one augmented view per row. (Each head keeps its own clusters; teaching them the heads' mean
+    would starve the clusters the heads disagree on, which then die.)"""
     views = batch["views"]
     with torch.no_grad():
-        targets = model(views[:, 0])
+        targets = per_cluster_head(model(views[:, 0]))
     rows = torch.arange(views.shape[0], device=views.device)
     first_augmented = 1 if views.shape[1] > 1 else 0
     pick = torch.randint(first_augmented, views.shape[1], (len(rows),), generator=generator).to(views.device)
-    loss, kept = self_labelling_loss(model(views[rows, pick]), targets, threshold)
-    return loss, {"kept": kept}
+    per_head = [self_labelling_loss(probs, target, threshold)
+                for probs, target in zip(per_cluster_head(model(views[rows, pick])), targets)]
+    loss = torch.stack([head_loss for head_loss, _ in per_head]).mean()
+    return loss, {"kept": sum(kept for _, kept in per_head) / len(per_head)}
 
 
 def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,12 +401,13 @@ def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tup
     return first, views[rows, order[:, 1]]
 
 
-def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: dict, rank: int) -> None:
+def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: dict, rank: int,
+                           consensus: dict) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            unwrapped = model.module if hasattr(model, "module") else model
-            state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
+            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "consensus": consensus}
             torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
             with open(os.path.join(directory, CONFIG_FILE), "w") as f:
                 json.dump(model_description(config), f, indent=2)

@@ -220,7 +220,7 @@ def test_train_and_infer_label_every_feature_row_once(embedded, capsys):
 
     lake = str(embedded["lake"])
     latest = train(TrainSettings(lake, clusters=3, epochs=2, batch_size=8, run="bad-input"))
-    last_epoch = 2 + model_config("mfavb")["self_label_epochs"] - 1  # the default model's self-labelling follows
+    last_epoch = 2 + model_config(TrainSettings.model)["self_label_epochs"] - 1  # the default self-labels after
     assert latest["model_version"] == f"bad-input/epoch-{last_epoch}"
     summary = infer(lake, batch_size=16)
     features = read_table(embedded["lake"], "features")

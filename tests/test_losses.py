@@ -36,6 +36,18 @@ def test_cluster_loss_penalises_collapse():
     assert cluster_loss(confident, confident) < cluster_loss(collapsed, collapsed)
 
 
+def test_several_cluster_heads_share_the_cluster_loss():
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(32, 8), torch.randn(32, 8)
+    c_a, c_b = torch.softmax(torch.randn(3, 32, 4), 2), torch.softmax(torch.randn(3, 32, 4), 2)
+    loss, parts = contrastive_clustering_loss([(z_a, z_b, c_a, c_b)])
+    each = torch.stack([cluster_loss(a, b) for a, b in zip(c_a, c_b)])
+    assert parts["cluster_loss"] == pytest.approx(each.mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(instance_loss(z_a, z_b).item() + each.mean().item(), rel=1e-6)
+    _, one_head = contrastive_clustering_loss([(z_a, z_b, c_a[1], c_b[1])])  # [B, K]: one head
+    assert one_head["cluster_loss"] == pytest.approx(each[1].item(), rel=1e-6)
+
+
 def test_self_labelling_loss_learns_only_from_confident_rows():
     targets = torch.tensor([[0.95, 0.05], [0.55, 0.45], [0.02, 0.98], [0.5, 0.5]])
     probs = torch.tensor([[0.6, 0.4], [0.1, 0.9], [0.3, 0.7], [0.9, 0.1]], requires_grad=True)

@@ -8,6 +8,7 @@ import torch
 
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config
+from rayclust.models.heads import co_assignments
 from rayclust.training import nearest_rows, training_pairs, view_pair
 
 DIM, CLUSTERS, BATCH = 64, 5, 12
@@ -24,14 +25,17 @@ def test_mfavb_outputs_instance_and_cluster_spaces(blocks):
     model = mfavb(blocks=blocks)
     assert len(model.blocks) == blocks
     heads = model(torch.randn(BATCH, DIM), torch.randn(BATCH, DIM))
+    cluster_heads = model_config("mfavb")["cluster_heads"]
     for z_a, z_b, c_a, c_b in heads:
         assert z_a.shape == z_b.shape == (BATCH, 128)
-        assert c_a.shape == c_b.shape == (BATCH, CLUSTERS)
-        torch.testing.assert_close(c_a.sum(1), torch.ones(BATCH))
+        assert c_a.shape == c_b.shape == (cluster_heads, BATCH, CLUSTERS)
+        torch.testing.assert_close(c_a.sum(2), torch.ones(cluster_heads, BATCH))
     clean = torch.randn(BATCH, DIM)
     probabilities = model.predict(clean)
     assert probabilities.shape == (BATCH, CLUSTERS)
-    torch.testing.assert_close(model(clean), probabilities)  # one view: what the self-labelling step trains
+    per_head = model(clean)  # one view: what the self-labelling step trains
+    assert per_head.shape == (cluster_heads, BATCH, CLUSTERS)
+    torch.testing.assert_close(probabilities, per_head.mean(0))  # not aligned yet: the heads' plain mean
 
 
 def test_mfavb_fuses_the_two_views():
@@ -53,6 +57,31 @@ def test_mfavb_view_blocks_share_weights():
         s_a, s_b, d_a, d_b = model(b, a)[-1]
     torch.testing.assert_close(z_a, s_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(c_b, d_a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ccmlp", "mfavb"])
+def test_cluster_heads_label_together_once_aligned_and_the_checkpoint_keeps_it(name):
+    """Head 2 is head 0 with its clusters renumbered: aligned, the two give the same probabilities."""
+    torch.manual_seed(0)
+    model = build_model(model_config(name, cluster_heads=3), DIM, CLUSTERS).eval()
+    heads = model.cluster_head.heads
+    renumbered = torch.tensor([3, 0, 4, 1, 2])
+    heads[2].load_state_dict(heads[0].state_dict())
+    with torch.no_grad():
+        last = heads[2][0][2]  # the projector's last Linear: one output row per cluster
+        last.weight.copy_(last.weight[renumbered])
+        last.bias.copy_(last.bias[renumbered])
+    clean = torch.randn(200, DIM)
+    every_head = model(clean, clean)[0][2]
+    assert every_head.shape == (3, 200, CLUSTERS)
+    reference, agreement = model.cluster_head.align(co_assignments(every_head))
+    assert reference in (0, 2) and agreement[2 - reference] == 1.0
+    aligned = [every_head[h][:, model.cluster_head.alignment[h]] for h in range(3)]
+    torch.testing.assert_close(aligned[2], aligned[0])
+    torch.testing.assert_close(model.predict(clean), torch.stack(aligned).mean(0))
+    restored = build_model(model_config(name, cluster_heads=3), DIM, CLUSTERS).eval()
+    restored.load_state_dict(model.state_dict())
+    torch.testing.assert_close(restored.cluster_head.alignment, model.cluster_head.alignment)
 
 
 def test_ccmlp_heads_and_a_loss_that_trains():

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rayclust.features import write_feature_arrays
 from rayclust.lake import MODELS, Lake
-from rayclust.training import TrainSettings, evaluate_checkpoint, train
+from rayclust.models import model_config
+from rayclust.training import TrainSettings, evaluate_checkpoint, load_model, train
 
 from conftest import REPO
 
@@ -46,6 +48,12 @@ def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_featur
     assert latest["metrics"]["phase"] == "self-labelling"
     assert real_feature_lake.read_json(MODELS, "LATEST")["run"] == "two-workers"
     assert np.isfinite(latest["metrics"]["loss"])
+    heads = model_config("mfavb")["cluster_heads"]  # aligned after the contrastive epochs; LATEST says how well
+    assert len(latest["metrics"]["head_agreement"]) == heads
+    assert latest["metrics"]["head_agreement"][latest["metrics"]["reference_head"]] == 1.0
+    alignment = load_model(real_feature_lake, latest).cluster_head.alignment
+    assert all(sorted(row) == list(range(10)) for row in alignment.tolist())
+    assert (alignment != torch.arange(10)).any(), "five heads from five random starts number their clusters alike"
     report = evaluate_checkpoint(real_feature_lake, latest)
     assert report.samples == 2000
     assert report.rows[latest["model_version"]]["acc"] > 0.2, report  # chance is 0.1 on CIFAR-10

@@ -10,24 +10,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rayclust.models.mfavb import projection_head
+from rayclust.models.heads import ClusterHeads, projection_head
 
 
 class CCMLP(nn.Module):
-    def __init__(self, feature_dim: int, clusters: int, instance_dim: int = 128):
+    def __init__(self, feature_dim: int, clusters: int, instance_dim: int = 128, cluster_heads: int = 1):
         super().__init__()
         self.norm = nn.LayerNorm(feature_dim)
         self.instance_head = projection_head(feature_dim, instance_dim)
-        self.cluster_head = nn.Sequential(projection_head(feature_dim, clusters), nn.Softmax(dim=1))
+        self.cluster_head = ClusterHeads(feature_dim, clusters, cluster_heads)
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor | None = None):
-        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)]; of one view -> its
-        cluster probabilities [B, K] (the self-labelling step)."""
+        """Features of two augmented views [B, D] -> [(z_a, z_b, c_a, c_b)] (c: every cluster head's,
+        [H, B, K]); of one view -> every cluster head's probabilities [H, B, K] (self-labelling)."""
         if view_b is None:
-            return self.cluster_head(self.norm(view_a))
+            return self.cluster_head.all(self.norm(view_a))
         h_a, h_b = self.norm(view_a), self.norm(view_b)
-        return [(self.instance_head(h_a), self.instance_head(h_b), self.cluster_head(h_a), self.cluster_head(h_b))]
+        heads = self.cluster_head
+        return [(self.instance_head(h_a), self.instance_head(h_b), heads.all(h_a), heads.all(h_b))]
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        return self(features)
+        """Cluster probabilities [B, K]: the aligned cluster heads' mean."""
+        return self.cluster_head(self.norm(features))

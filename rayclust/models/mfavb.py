@@ -12,6 +12,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from rayclust.models.heads import ClusterHeads, projection_head
+
 CONTRASTS = ("self", "pair")
 
 
@@ -54,15 +56,11 @@ class FusingAugmentingBlock(nn.Module):
         return fused.split(a.shape[1], dim=1)
 
 
-def projection_head(width: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out_dim))
-
-
 class MFAVB(nn.Module):
     def __init__(self, feature_dim: int, clusters: int, tokens: int = 8, width: int = 128, heads: int = 4,
                  view_depth: int = 1, fused_depth: int = 1, fused_mlp_ratio: float = 8.0, blocks: int = 2,
                  instance_dim: int = 128, dropout: float = 0.0, layer_scale: float | None = 1e-4,
-                 contrast: str = "self"):
+                 contrast: str = "self", cluster_heads: int = 1):
         super().__init__()
         if contrast not in CONTRASTS:
             raise ValueError(f"contrast must be one of {CONTRASTS}, not {contrast!r}")
@@ -74,7 +72,7 @@ class MFAVB(nn.Module):
         )
         self.norm = nn.LayerNorm(tokens * width)
         self.instance_head = projection_head(tokens * width, instance_dim)
-        self.cluster_head = nn.Sequential(projection_head(tokens * width, clusters), nn.Softmax(dim=1))
+        self.cluster_head = ClusterHeads(tokens * width, clusters, cluster_heads)
 
     def encode(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views' features [B, D] through every fusing-augmenting block -> the final pair [B, T*W]."""
@@ -84,8 +82,9 @@ class MFAVB(nn.Module):
         return self.norm(a.flatten(1)), self.norm(b.flatten(1))
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor | None = None):
-        """Features of a positive pair [B, D] -> [(z_a, z_b, c_a, c_b), ...] for the loss; of one
-        view -> its cluster probabilities [B, K], the feature fused with itself (self-labelling).
+        """Features of a positive pair [B, D] -> [(z_a, z_b, c_a, c_b), ...] for the loss (c: every
+        cluster head's, [H, B, K]); of one view -> every cluster head's probabilities [H, B, K] of
+        the feature fused with itself (self-labelling).
 
         "pair" contrasts the two halves of one fused sequence, as the paper reads literally; but
         each half has seen the other, so the fused block can make them agree by copying
@@ -94,7 +93,7 @@ class MFAVB(nn.Module):
         a half cannot copy a view it was never shown. See docs/models.md.
         """
         if view_b is None:
-            return self.cluster_head(self.encode(view_a, view_a)[0])
+            return self.cluster_head.all(self.encode(view_a, view_a)[0])
         fused_a, fused_b = self.encode(view_a, view_b)
         if self.contrast == "pair":
             return [self.heads(fused_a, fused_b)]
@@ -103,9 +102,10 @@ class MFAVB(nn.Module):
         return [self.heads(fused_a, self_b), self.heads(self_a, fused_b)]
 
     def heads(self, a: torch.Tensor, b: torch.Tensor):
-        return self.instance_head(a), self.instance_head(b), self.cluster_head(a), self.cluster_head(b)
+        return self.instance_head(a), self.instance_head(b), self.cluster_head.all(a), self.cluster_head.all(b)
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        """Cluster probabilities [B, K] of clean features: the feature is its own positive pair."""
-        return self(features)
+        """Cluster probabilities [B, K] of clean features (the feature is its own positive pair):
+        the aligned cluster heads' mean."""
+        return self.cluster_head(self.encode(features, features)[0])

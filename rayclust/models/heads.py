@@ -1,0 +1,68 @@
+"""The projection heads Contrastive Clustering puts on a representation, shared by the feature models."""
+from __future__ import annotations
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+
+def projection_head(width: int, out_dim: int) -> nn.Sequential:
+    """CC's Linear-ReLU-Linear projector."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out_dim))
+
+
+class ClusterHeads(nn.Module):
+    """``count`` cluster heads (projector + softmax over K), each from its own random start, that
+    label together.
+
+    Whether one Contrastive Clustering cluster head finds a good partition or merges two classes
+    depends on its initialisation as much as on the data (docs/models.md), and no unsupervised
+    signal tells the good heads from the bad. The heads' consensus is steadier: once training has
+    seen their co-assignments, ``align`` renumbers every head's clusters to match the most
+    central head's (Hungarian matching), and the model's probabilities are the mean of the aligned
+    heads. Training's contrastive loss sees every head (``all``); ``alignment`` is a buffer, so
+    the checkpoint keeps it.
+    """
+
+    def __init__(self, width: int, clusters: int, count: int = 1):
+        super().__init__()
+        if count < 1:
+            raise ValueError(f"cluster_heads must be at least 1, not {count}")
+        self.heads = nn.ModuleList(nn.Sequential(projection_head(width, clusters), nn.Softmax(dim=1))
+                                   for _ in range(count))
+        self.register_buffer("alignment", torch.arange(clusters).repeat(count, 1))
+
+    def forward(self, representation: torch.Tensor) -> torch.Tensor:
+        """The aligned heads' mean cluster probabilities [B, K]."""
+        return torch.stack([head(representation)[:, self.alignment[h]] for h, head in enumerate(self.heads)]).mean(0)
+
+    def all(self, representation: torch.Tensor) -> torch.Tensor:
+        """Every head's own cluster probabilities [H, B, K]."""
+        return torch.stack([head(representation) for head in self.heads])
+
+    def align(self, co_assignments: torch.Tensor) -> tuple[int, list[float]]:
+        """Renumber the heads' clusters after the head that agrees most with the others.
+
+        ``co_assignments`` [H, H, K, K] counts, for heads h and g, the rows head h puts in cluster k
+        and head g in cluster l. Returns (the reference head, each head's share of rows on which
+        it agrees with the reference once matched).
+        """
+        count = len(self.heads)
+        matches = [[linear_sum_assignment(co_assignments[r, h].cpu().numpy(), maximize=True) for h in range(count)]
+                   for r in range(count)]
+        agreement = torch.tensor([[float(co_assignments[r, h][rows, columns].sum() / co_assignments[r, h].sum())
+                                   for h, (rows, columns) in enumerate(row)] for r, row in enumerate(matches)])
+        reference = int(agreement.sum(1).argmax())
+        for h, (rows, columns) in enumerate(matches[reference]):
+            self.alignment[h, torch.from_numpy(rows)] = torch.from_numpy(columns).to(self.alignment.device)
+        return reference, agreement[reference].tolist()
+
+
+def co_assignments(probabilities: torch.Tensor) -> torch.Tensor:
+    """[H, H, K, K] counts of rows that head h assigns to cluster k and head g to cluster l, from
+    the heads' probabilities [H, B, K]."""
+    count, _, clusters = probabilities.shape
+    assigned = probabilities.argmax(2)
+    pairs = (assigned[:, None, :] * clusters + assigned[None, :, :]).flatten(0, 1)  # [H*H, B]
+    counts = torch.stack([torch.bincount(p, minlength=clusters * clusters) for p in pairs])
+    return counts.view(count, count, clusters, clusters).float()
