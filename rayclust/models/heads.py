@@ -47,10 +47,9 @@ class ClusterHeads(nn.Module):
         and head g in cluster l. Returns (the reference head, each head's share of rows on which
         it agrees with the reference once matched).
         """
-        count = len(self.heads)
-        matches = [[linear_sum_assignment(co_assignments[r, h].cpu().numpy(), maximize=True) for h in range(count)]
-                   for r in range(count)]
-        agreement = torch.tensor([[float(co_assignments[r, h][rows, columns].sum() / co_assignments[r, h].sum())
+        count, counts = len(self.heads), co_assignments.cpu().numpy()
+        matches = [[linear_sum_assignment(counts[r, h], maximize=True) for h in range(count)] for r in range(count)]
+        agreement = torch.tensor([[float(counts[r, h][rows, columns].sum() / counts[r, h].sum())
                                    for h, (rows, columns) in enumerate(row)] for r, row in enumerate(matches)])
         reference = int(agreement.sum(1).argmax())
         for h, (rows, columns) in enumerate(matches[reference]):
