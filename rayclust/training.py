@@ -269,8 +269,9 @@ def train_loop(config: dict) -> None:
     threshold = hyper.get("self_label_threshold", SELF_LABEL_THRESHOLD)
     for epoch in range(start_epoch, epochs):
         order = ShuffleOrder(config["shuffle_rows"], seed=config["seed"] * 10_000 + epoch * 100 + rank)
-        if epoch < config["epochs"]:
-            phase, step = "contrastive", contrastive_step
+        if epoch < config["epochs"]:  # the last contrastive epoch also counts co-assignments to align the heads
+            last = epoch == config["epochs"] - 1
+            phase, step = "contrastive", functools.partial(contrastive_step, count_co_assignments=last)
         else:
             phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
         metrics = train_epoch(model, optimizer, shard, config["batch_size"], generator, order, step)
@@ -278,7 +279,7 @@ def train_loop(config: dict) -> None:
         metrics.update(epoch=epoch, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
             print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}", flush=True)
-        if epoch == config["epochs"] - 1 and co_assigned is not None:
+        if co_assigned is not None:
             consensus = align_cluster_heads(model, co_assigned, rank)
         metrics.update(consensus)
         report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, consensus)
@@ -356,13 +357,15 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
     return {**means, "samples_per_second": samples / (time.perf_counter() - started)}
 
 
-def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator):
-    """Contrastive Clustering's instance and cluster losses on a positive pair; with several cluster
-    heads, also which clusters they assign the first view to together (for ``align_cluster_heads``)."""
+def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                     count_co_assignments: bool = False):
+    """Contrastive Clustering's instance and cluster losses on a positive pair; when asked and the
+    model has several cluster heads, also which clusters they assign the first view to together
+    (for ``align_cluster_heads``)."""
     outputs = model(*view_pair(batch, generator))
     loss, parts = contrastive_clustering_loss(outputs)
     cluster_probabilities = per_cluster_head(outputs[0][2]).detach()
-    if len(cluster_probabilities) > 1:
+    if count_co_assignments and len(cluster_probabilities) > 1:
         parts["co_assignments"] = co_assignments(cluster_probabilities)
     return loss, parts
 

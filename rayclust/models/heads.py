@@ -40,14 +40,14 @@ class ClusterHeads(nn.Module):
         """Every head's own cluster probabilities [H, B, K]."""
         return torch.stack([head(representation) for head in self.heads])
 
-    def align(self, co_assignments: torch.Tensor) -> tuple[int, list[float]]:
+    def align(self, co_assigned: torch.Tensor) -> tuple[int, list[float]]:
         """Renumber the heads' clusters after the head that agrees most with the others.
 
-        ``co_assignments`` [H, H, K, K] counts, for heads h and g, the rows head h puts in cluster k
+        ``co_assigned`` [H, H, K, K] (``co_assignments``) counts, for heads h and g, the rows head h puts in cluster k
         and head g in cluster l. Returns (the reference head, each head's share of rows on which
         it agrees with the reference once matched).
         """
-        count, counts = len(self.heads), co_assignments.cpu().numpy()
+        count, counts = len(self.heads), co_assigned.cpu().numpy()
         matches = [[linear_sum_assignment(counts[r, h], maximize=True) for h in range(count)] for r in range(count)]
         agreement = torch.tensor([[float(counts[r, h][rows, columns].sum() / counts[r, h].sum())
                                    for h, (rows, columns) in enumerate(row)] for r, row in enumerate(matches)])
