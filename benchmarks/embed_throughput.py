@@ -39,7 +39,7 @@ def plain_loop(args) -> None:
 
     torch.set_num_threads(args.threads)
     from rayclust.encoders import load_encoder, load_preprocessing
-    from rayclust.features import BadSample, decode_image
+    from rayclust.decode import BadSample, decode_image
     from rayclust.shards import expand_shards, samples_of_tar
 
     preprocessing = load_preprocessing(args.encoder)

@@ -18,9 +18,13 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--encoder", default="open_clip:ViT-B-32:openai",
                         help="open_clip:MODEL:PRETRAINED (tag, checkpoint path or 'none') or effnet-lite0[:SIZE] "
                              "(default: %(default)s)")
-    parser.add_argument("--views", type=at_least(1), default=2,
-                        help="augmented views embedded per image besides the clean one (default: %(default)s)")
-    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per encoder batch (default: %(default)s)")
+    parser.add_argument("--views", type=at_least(0), default=2,
+                        help="augmented views embedded per image besides the clean one; 0 for models that read "
+                             "only the clean embedding and its neighbours (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
+    parser.add_argument("--redo", action="store_true",
+                        help="embed shards again even if their features were made from the same file with the "
+                             "same encoder and views (by default a run again does only what is missing)")
     return parser
 
 
@@ -29,7 +33,10 @@ def main() -> None:
 
     from rayclust.features import embed
 
-    print(embed(args.shards, args.lake, args.encoder, args.views, args.batch_size), flush=True)
+    summary = embed(args.shards, args.lake, args.encoder, args.views, args.batch_size, args.redo)
+    print(summary, flush=True)
+    if summary.failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

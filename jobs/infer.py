@@ -16,6 +16,9 @@ def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
     parser.add_argument("--batch-size", type=at_least(1), default=1024, help="rows per inference batch (default: %(default)s)")
+    parser.add_argument("--redo", action="store_true",
+                        help="label every shard again, even those this model already labelled from the same "
+                             "features (by default a run again does only what is missing)")
     return parser
 
 
@@ -24,7 +27,9 @@ def main() -> None:
 
     from rayclust.labels import infer
 
-    infer(args.lake, args.batch_size)
+    summary = infer(args.lake, args.batch_size, redo=args.redo)
+    if summary.failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

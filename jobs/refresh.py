@@ -18,12 +18,12 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--shards", required=True,
                         help="shard URI pattern: local path or s3://, with {000..099} ranges and/or globs")
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--batch-size", type=at_least(1), default=64, help="images per encoder batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
     parser.add_argument("--infer-batch-size", type=at_least(1), default=1024,
                         help="rows per inference batch (default: %(default)s)")
-    parser.add_argument("--group-size", type=at_least(1), default=8,
-                        help="shards embedded, labelled and recorded together; a crash loses at most "
-                             "one group's work (default: %(default)s)")
+    parser.add_argument("--max-shards", type=at_least(1), default=None,
+                        help="process at most this many new or changed shards in this run (the rest wait for the "
+                             "next one), to fit a scheduler's deadline (default: all)")
     parser.add_argument("--max-confidence-drop", type=fraction, default=0.1,
                         help="drift if the new shards' mean confidence is lower than the baseline's by "
                              "more than this (default: %(default)s)")
@@ -43,7 +43,7 @@ def main() -> None:
     from rayclust.refresh import RefreshSettings, refresh
 
     report = refresh(RefreshSettings(args.shards, args.lake, args.batch_size, args.infer_batch_size,
-                                     args.group_size, args.max_confidence_drop, args.max_cluster_shift,
+                                     args.max_shards, args.max_confidence_drop, args.max_cluster_shift,
                                      args.lock_ttl))
     print(report, flush=True)
     sys.exit(report.exit_code(args.fail_on_drift))

@@ -4,23 +4,27 @@ Two signals from the labels table, new shards against the baseline:
 - mean confidence: a model that is less sure on new data has not seen its like;
 - cluster-size distribution, as total variation distance (half the L1 distance of the
   cluster fractions: the share of samples that would have to change cluster to match).
-The baseline is the LATEST model's labels outside the shards being refreshed, computed once
-per model version and kept in ``LAKE/manifest/_drift_baseline.json``: run right after
+Both read a bounded sample of shards (``SAMPLE_SHARDS``, drawn with a fixed seed), so a
+10M-row lake costs what a small one does. The baseline is the LATEST model's labels outside the
+shards being refreshed, computed once per model version and kept in ``LAKE/manifest/_drift_baseline.json``: run right after
 ``jobs/infer.py`` relabels everything (as after every training), that is the training data.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import random
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from rayclust.lake import LABELS, MANIFEST, Lake
 
 BASELINE_FILE = "_drift_baseline.json"  # "_": Spark skips it when reading manifest/
 MIN_SAMPLES = 100
+SAMPLE_SHARDS = 200
 
 
 @dataclass
@@ -33,15 +37,18 @@ class LabelStats:
 
 def label_stats(lake: Lake, model_version: str, clusters: int, shards: list[str],
                 exclude: bool = False) -> LabelStats | None:
-    """Statistics of ``model_version``'s labels in ``shards`` (or, with ``exclude``, all but those)."""
-    if not lake.has_table(LABELS):
-        return None
-    partitioning = pads.partitioning(pa.schema([("shard", pa.string())]), flavor="hive")
-    dataset = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning=partitioning)
-    in_shards = pc.field("shard").isin(shards)
-    selected = (~in_shards if exclude else in_shards) & (pc.field("model_version") == model_version)
-    rows = dataset.to_table(columns=["cluster", "confidence"], filter=selected)
-    if rows.num_rows == 0:
+    """Statistics of ``model_version``'s labels in ``shards`` (or, with ``exclude``, all but those),
+    from at most SAMPLE_SHARDS of them."""
+    files = lake.newest_files(LABELS)
+    chosen = set(shards)
+    names = sorted(set(files) - chosen) if exclude else sorted(chosen & set(files))
+    names = random.Random(0).sample(names, min(len(names), SAMPLE_SHARDS))
+    pieces = [pq.read_table(files[name], columns=["cluster", "confidence", "model_version"],
+                            filesystem=lake.arrow_fs) for name in names]
+    rows = pa.concat_tables(pieces) if pieces else None
+    if rows is not None:
+        rows = rows.filter(pc.equal(rows.column("model_version"), model_version))
+    if rows is None or rows.num_rows == 0:
         return None
     sizes = np.bincount(rows.column("cluster").to_numpy(), minlength=clusters)
     return LabelStats(model_version, rows.num_rows, float(pc.mean(rows.column("confidence")).as_py()),

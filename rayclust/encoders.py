@@ -34,9 +34,14 @@ class Encoder:
 
 @dataclass
 class Preprocessing:
+    """PIL image -> uint8 tensor [3, S, S] (``clean``, ``augment``); the encoder's actor turns
+    those into its inputs with ``decode.normalise(pixels, mean, std)``."""
+
     clean: Callable
     augment: Callable
     image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -84,36 +89,42 @@ def register_encoder_configs() -> None:
         open_clip.add_model_config(ENCODER_CONFIGS)
 
 
+def contrastive_crops(size: int) -> list:
+    """Contrastive Clustering's (SimCLR-style) augmentation of one view, on PIL images."""
+    return [
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+
+
 def contrastive_augmentation(size: int, mean, std) -> T.Compose:
-    """Contrastive Clustering's (SimCLR-style) augmentation of one view."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    """The same augmentation ending in normalised float tensors (the image model's weak view)."""
+    return T.Compose([*contrastive_crops(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def uint8_views(size: int, interpolation=T.InterpolationMode.BILINEAR) -> tuple[T.Compose, T.Compose]:
+    """(clean, augmented) transforms from a PIL image to uint8 [3, size, size]."""
+    clean = T.Compose([T.Resize(size, interpolation=interpolation), T.CenterCrop(size), T.PILToTensor()])
+    return clean, T.Compose([*contrastive_crops(size), T.PILToTensor()])
 
 
 def load_preprocessing(spec: str) -> Preprocessing:
     """The clean and augmented-view transforms of an encoder, without loading its weights."""
     parsed = parse_spec(spec)
     if parsed.kind == "effnet":
-        size, mean, std = parsed.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        clean = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
-        return Preprocessing(clean, contrastive_augmentation(size, mean, std), size)
+        size = parsed.image_size
+        return Preprocessing(*uint8_views(size), size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     import open_clip
 
     size = open_clip.get_model_config(parsed.model)["vision_cfg"]["image_size"]
     size = size if isinstance(size, int) else size[0]
     tag_cfg = open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained) or {}
-    mean = tag_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN
-    std = tag_cfg.get("std") or open_clip.OPENAI_DATASET_STD
-    clean = open_clip.image_transform(size, is_train=False, mean=mean, std=std)
-    return Preprocessing(clean, contrastive_augmentation(size, mean, std), size)
+    mean = tuple(tag_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(tag_cfg.get("std") or open_clip.OPENAI_DATASET_STD)
+    # open_clip's own eval transform: shorter side to ``size`` (bicubic), centre crop
+    return Preprocessing(*uint8_views(size, T.InterpolationMode.BICUBIC), size, mean, std)
 
 
 def load_encoder(spec: str, device: str = "cpu") -> Encoder:

@@ -1,37 +1,42 @@
-"""Samples become features: CLIP-style embeddings of each image and of augmented views of it.
+"""Samples become features: embeddings of each image and of augmented views of it.
 
-Two Ray Data stages: CPU tasks decode images (PIL, in our code) and build the clean and
-augmented views; an actor pool (one actor per GPU, else CPU actors) runs the encoder.
-Results land in ``LAKE/features/`` (Parquet, Hive-partitioned by shard); bad samples
-land in ``LAKE/errors/`` with a reason.
+Stages (``rayclust.stages``): CPU tasks decode images and cut the clean and augmented views as
+uint8 pixels (``pixel_views``); an actor pool runs the encoder (``Embedder``: GPU when the
+cluster has one, with pinned, non-blocking copies and fp16 autocast); ``commit.PieceWriter``
+stages the rows and each shard is published as soon as it is complete. Results land in
+``LAKE/features/`` (one Parquet file per shard); bad samples in ``LAKE/errors/`` with a reason.
 """
 from __future__ import annotations
 
 import functools
-import io
+import hashlib
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
-from PIL import Image, UnidentifiedImageError
-from ray.data import ActorPoolStrategy
 
+from rayclust.commit import (CommitSummary, Output, ShardResult, commit_as_shards_finish, file_name, fingerprint_of,
+                             publish_shard,
+                             write_pieces)
+from rayclust.decode import BadSample, decode_image, normalise
 from rayclust.encoders import Preprocessing, load_encoder, load_preprocessing, parse_spec
-from rayclust.lake import ERRORS, FEATURES, Lake, PartitionedSink, Write
-from rayclust.runtime import cluster_gpus, encoder_actor_count, init_ray
-from rayclust.shards import expand_shards, read_shards, shard_name
+from rayclust.errors import UserError
+from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id
+from rayclust.lock import LakeLock
+from rayclust.manifest import SourceShard, list_source
+from rayclust.progress import Progress
+from rayclust.runtime import DECODE_CPUS, cluster_gpus, encoder_pool, init_ray, require_shared
+from rayclust.shards import END_OF_SHARD, ROWS_PER_BLOCK, read_shards
+from rayclust.stages import Stage, run
 
-MAX_IMAGE_PIXELS = 64_000_000
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-
-class BadSample(Exception):
-    """A sample that is skipped and recorded, never a reason to fail the job."""
+FEATURE_COLUMNS = ("key", "label", "embedding", "views", "encoder")
+ENCODER_MEMORY = 2**30
 
 
 @dataclass
@@ -41,8 +46,8 @@ class EmbedSummary:
     bad_samples: int
     reasons: Counter = field(default_factory=Counter)
     seconds: float = 0.0
-    samples_by_shard: Counter = field(default_factory=Counter)
-    bad_by_shard: Counter = field(default_factory=Counter)
+    skipped: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         rate = self.samples / self.seconds if self.seconds else 0.0
@@ -50,36 +55,19 @@ class EmbedSummary:
             f"embedded {self.samples} samples from {self.shards} shards in {self.seconds:.1f}s "
             f"({rate:.1f} images/s); {self.bad_samples} bad samples recorded in errors/"
         ]
+        if self.skipped:
+            lines.append(f"  {self.skipped} shards already embedded with this encoder and views: skipped "
+                         f"(--redo embeds them again)")
         lines += [f"  {count:>6}  {reason}" for reason, count in self.reasons.most_common(10)]
+        lines += [f"  failed {shard}: {reason}" for shard, reason in sorted(self.failures.items())]
         return "\n".join(lines)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """RGB image from untrusted bytes, or BadSample saying why not."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise BadSample(f"image too large: {width}x{height} pixels")
-            image.load()
-            return image.convert("RGB")
-    except BadSample:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exn:  # Image.open checks first
-        raise BadSample(f"image too large: {exn}") from None
-    except UnidentifiedImageError:
-        raise BadSample("not an image: PIL cannot identify the format") from None
-    except Exception as exn:  # PIL raises many types on hostile input; all mean "not an image"
-        raise BadSample(f"undecodable image: {type(exn).__name__}: {exn}") from None
-
-
-def make_views(batch: pa.Table, encoder: str, views: int) -> dict[str, np.ndarray]:
-    """CPU stage: decode each image and stack its clean view and ``views`` augmented views."""
+def pixel_views(batch: pa.Table, encoder: str, views: int) -> dict[str, np.ndarray]:
+    """CPU stage: decode each image and stack its clean view and ``views`` augmented views as uint8."""
     preprocessing = cached_preprocessing(encoder)
     size = preprocessing.image_size
-    pixels = np.zeros((batch.num_rows, 1 + views, 3, size, size), np.float16)
+    pixels = np.zeros((batch.num_rows, 1 + views, 3, size, size), np.uint8)
     errors = batch.column("error").to_pylist()
     for i, data in enumerate(batch.column("image").to_pylist()):
         if errors[i] is not None:
@@ -96,6 +84,7 @@ def make_views(batch: pa.Table, encoder: str, views: int) -> dict[str, np.ndarra
         "shard": batch.column("shard").to_numpy(zero_copy_only=False),
         "label": batch.column("label").fill_null(-1).to_numpy(),
         "error": np.array([e or "" for e in errors], dtype=str),  # "" = good; Ray turns all-None columns into NaN
+        "shard_rows": batch.column("shard_rows").fill_null(0).to_numpy(),
         "pixels": pixels,
     }
 
@@ -113,6 +102,8 @@ class Embedder:
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = load_encoder(encoder, self.device)
+        preprocessing = cached_preprocessing(encoder)
+        self.mean, self.std = preprocessing.mean, preprocessing.std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         pixels = torch.from_numpy(batch["pixels"])
@@ -125,12 +116,13 @@ class Embedder:
 
     @torch.inference_mode()
     def _encode(self, pixels: torch.Tensor) -> np.ndarray:
-        flat = pixels.flatten(0, 1).to(self.device)
+        flat = pixels.flatten(0, 1)
         if self.device == "cuda":
+            flat = normalise(flat.pin_memory().to(self.device, non_blocking=True), self.mean, self.std)
             with torch.autocast("cuda", dtype=torch.float16):
                 out = self.encoder.forward(flat)
         else:
-            out = self.encoder.forward(flat.float())
+            out = self.encoder.forward(normalise(flat, self.mean, self.std))
         return out.float().cpu().numpy()
 
 
@@ -142,7 +134,7 @@ def feature_rows(batch: dict[str, np.ndarray], features: np.ndarray, encoder: st
     view_vectors = pa.ListArray.from_arrays(
         np.arange(0, n * (v - 1) * d + 1, d, dtype=np.int32), features[:, 1:].ravel()
     )
-    views = pa.ListArray.from_arrays(np.arange(0, n * (v - 1) + 1, v - 1, dtype=np.int32), view_vectors)
+    views = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * (v - 1), view_vectors)
     return pa.table(
         {
             "key": pa.array(batch["key"], pa.string()),
@@ -152,42 +144,105 @@ def feature_rows(batch: dict[str, np.ndarray], features: np.ndarray, encoder: st
             "views": views,
             "encoder": pa.array([encoder] * n, pa.string()),
             "error": pa.array([e or None for e in batch["error"]], pa.string()),
+            "shard_rows": pa.array(batch["shard_rows"], pa.int64()),
         }
     )
 
 
-def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: int = 64) -> EmbedSummary:
+def embedding_stages(encoder: str, views: int, batch_size: int) -> list[Stage]:
+    """Decode (CPU tasks) and encode (an actor pool) as stages: shared by embed and refresh.
+
+    The encoder declares its memory, which also keeps Ray from fusing the two into one operator
+    on CPU: decoding then runs beside the encoder instead of in front of it in the same process.
+    """
+    gpus = 1.0 if cluster_gpus() else 0.0
+    return [
+        Stage(pixel_views, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS, kwargs={"encoder": encoder, "views": views}),
+        Stage(Embedder, batch_size=batch_size, batch_format="numpy", num_gpus=gpus, memory=ENCODER_MEMORY,
+              actors=encoder_pool(), kwargs={"encoder": encoder, "threads": 1}),
+    ]
+
+
+def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: int = 256,
+          redo: bool = False) -> EmbedSummary:
     """Embed every sample of the shards matching ``shards`` into ``LAKE/features/``.
 
-    Re-embedding a shard replaces its partitions of the features and errors tables.
+    A shard already embedded from the same source file with the same encoder and views is
+    skipped (so a killed run, run again, does only the rest) unless ``redo``; embedding a shard
+    replaces its partitions of the features and errors tables.
     """
-    parse_spec(encoder)
-    if views < 1:
-        raise ValueError("--views must be at least 1")
-    uris = expand_shards(shards)
-    return embed_uris(uris, Lake.open(lake_uri, create=True), encoder, views, batch_size)
-
-
-def embed_uris(uris: list[str], lake: Lake, encoder: str, views: int, batch_size: int) -> EmbedSummary:
-    """Embed the shards at ``uris``; each shard's features and errors are published once all are written."""
+    check_embed_settings(encoder, views)
+    source = list_source(shards)
+    lake = Lake.open(lake_uri, create=True)
     init_ray()
-    started = time.time()
-    write = Write(lake)
-    actors = encoder_actor_count()
-    gpus = 1 if cluster_gpus() else 0
-    dataset = (
-        read_shards(uris)
-        .map_batches(make_views, fn_kwargs={"encoder": encoder, "views": views},
-                     batch_size=batch_size, batch_format="pyarrow")
-        .map_batches(Embedder, fn_constructor_kwargs={"encoder": encoder, "threads": 1},
-                     batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
-                     num_gpus=gpus, num_cpus=1)
-    )
-    sink = PartitionedSink(lake, FEATURES, stage="embed", write=write)
-    dataset.write_datasink(sink)
-    write.commit([shard_name(u) for u in uris], [FEATURES, ERRORS])
-    return EmbedSummary(len(uris), sink.rows_written, sink.errors_written, sink.reasons, time.time() - started,
-                        sink.rows_by_shard, sink.errors_by_shard)
+    require_shared(lake.uri, "lake")
+    with LakeLock(lake, "embed") as lock:
+        return embed_locked(lake, lock, source, encoder, views, batch_size, redo)
+
+
+def check_embed_settings(encoder: str, views: int) -> None:
+    spec = parse_spec(encoder)
+    if views < 0:
+        raise UserError("--views must be 0 or more")
+    if spec.kind == "open_clip" and spec.pretrained not in ("none",) and "/" in spec.pretrained:
+        init_ray()
+        require_shared(spec.pretrained, "encoder checkpoint")
+
+
+def embed_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], encoder: str, views: int,
+                 batch_size: int, redo: bool) -> EmbedSummary:
+    started, write_id = time.time(), new_write_id()
+    lake.discard_staging(keep=write_id)
+    done = set() if redo else embedded_shards(lake, source, encoder, views)
+    todo = [s for s in source if s.name not in done]
+    print(f"embed {len(source)} shards into {lake.uri}: {len(todo)} to embed, {len(done)} already done", flush=True)
+    committed = embed_shards(lake, lock, todo, encoder, views, batch_size, write_id) if todo else CommitSummary()
+    return EmbedSummary(committed.shards, committed.rows, committed.bad, committed.reasons, time.time() - started,
+                        len(done), committed.failures)
+
+
+def embed_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], encoder: str, views: int, batch_size: int,
+                 write_id: str, extra: tuple[Stage, ...] = (), outputs: tuple[Output, ...] = (),
+                 on_published: Callable[[ShardResult], None] = lambda result: None,
+                 labelled_by: str | None = None) -> CommitSummary:
+    """Run the embedding pipeline (plus ``extra`` stages and ``outputs``: refresh's labels, by
+    model ``labelled_by``) over ``todo`` and publish each shard's files as soon as it is complete."""
+    fingerprints = {s.name: shard_fingerprints(s, encoder, views, write_id, labelled_by) for s in todo}
+    tables = (Output(FEATURES, FEATURE_COLUMNS), *outputs)
+    writer = Stage(write_pieces, num_cpus=0.25,
+                   kwargs={"lake": lake, "write_id": write_id, "outputs": tables, "stage": "embed"})
+    records = run(read_shards([s.uri for s in todo]), *embedding_stages(encoder, views, batch_size), *extra, writer)
+    return commit_as_shards_finish(records, lake, write_id, tuple(t.table for t in tables) + (ERRORS,), FEATURES,
+                                   Progress("embed", len(todo)), fingerprints, before_publish=lock.check,
+                                   on_published=on_published)
+
+
+def source_fingerprint(shard: SourceShard, encoder: str, views: int) -> str:
+    """What a shard's features are made of: its source file as listed, the encoder and the views."""
+    identity = f"{shard.uri}|{shard.size}|{shard.etag or shard.mtime}|{encoder}|{views}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def shard_fingerprints(shard: SourceShard, encoder: str, views: int, write_id: str,
+                       labelled_by: str | None) -> dict[str, str]:
+    """The fingerprint of each table a shard's embedding writes (``commit.publish_shard``)."""
+    features = source_fingerprint(shard, encoder, views)
+    names = {FEATURES: features, ERRORS: features}
+    if labelled_by:
+        names[LABELS] = labels_fingerprint(labelled_by, file_name(write_id, features))
+    return names
+
+
+def labels_fingerprint(model_version: str, features_file: str) -> str:
+    """What a shard's labels are made of: the model and the features file they label."""
+    identity = f"{model_version}|{features_file.rsplit('/', 1)[-1]}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def embedded_shards(lake: Lake, source: list[SourceShard], encoder: str, views: int) -> set[str]:
+    """The shards of ``source`` whose features were made from the same file, encoder and views."""
+    published = {shard: fingerprint_of(path) for shard, path in lake.newest_files(FEATURES).items()}
+    return {s.name for s in source if published.get(s.name) == source_fingerprint(s, encoder, views)}
 
 
 def write_feature_arrays(lake: Lake, shard: str, keys: np.ndarray, labels: np.ndarray | None,
@@ -202,7 +257,11 @@ def write_feature_arrays(lake: Lake, shard: str, keys: np.ndarray, labels: np.nd
         "shard": np.full(len(keys), shard),
         "label": np.full(len(keys), -1) if labels is None else labels.astype(np.int64),
         "error": np.full(len(keys), ""),
+        "shard_rows": np.zeros(len(keys), np.int64),
     }
-    write = Write(lake)
-    PartitionedSink(lake, FEATURES, stage="import", write=write).write([feature_rows(batch, features, encoder)], None)
-    write.commit([shard], [FEATURES])
+    write_id = new_write_id()
+    records = write_pieces(feature_rows(batch, features, encoder), lake, write_id,
+                           (Output(FEATURES, FEATURE_COLUMNS),), "import")
+    pieces = [r for r in records.to_pylist() if r["path"]]
+    publish_shard(lake, write_id, shard, {FEATURES: [r["path"] for r in pieces]},
+                  {FEATURES: sum(r["rows"] for r in pieces)}, [FEATURES])

@@ -1,8 +1,10 @@
 """Features become labels: batch inference with the LATEST model over the feature table.
 
-Writes ``LAKE/labels/`` (Parquet, Hive-partitioned by shard): exactly one row per feature
-row with ``key, cluster, confidence, model_version, labeled_at`` (and ``write_id``). Re-running
-replaces the partitions it labels (staged, then published per shard), so it never duplicates.
+Writes ``LAKE/labels/`` (one Parquet file per shard): exactly one row per feature row with
+``key, cluster, confidence, model_version, labeled_at`` (and ``write_id``). Each shard is
+published as soon as all its rows are labelled (``rayclust.commit``), so a killed run keeps what
+it finished, and running it again labels only the shards not yet labelled by this model from
+these features.
 
 An image model (the pyramid model) labels the images of the shards it was trained on instead
 (``infer_images``): decoded and cleanly preprocessed in CPU tasks, bad samples to ``errors/``.
@@ -17,19 +19,27 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import ActorPoolStrategy
+from ray.data.datasource import FileBasedDatasource
 
+from rayclust.commit import CommitSummary, Output, commit_as_shards_finish, fingerprint_of, write_pieces
 from rayclust.errors import UserError
+from rayclust.features import labels_fingerprint
 from rayclust.evaluation import QualityReport, cluster_metrics, compare_with_kmeans
-from rayclust.lake import ERRORS, FEATURES, LABELS, MODELS, Lake, PartitionedSink, Write, filesystem_for, list_to_numpy
+from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, filesystem_for, list_to_numpy, new_write_id, read_sample
+from rayclust.lock import LakeLock
 from rayclust.models import is_image_model
-from rayclust.runtime import cluster_gpus, encoder_actor_count, init_ray
-from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards, samples_of_tar, shard_name
-from rayclust.training import EVAL_ROWS, checkpoint_description, load_model
+from rayclust.models.checkpoint import checkpoint_description, latest_model, load_model
+from rayclust.progress import Progress
+from rayclust.runtime import LABELER_CPUS, encoder_pool, init_ray, labeler_gpus, labeler_pool, require_shared
+from rayclust.shards import END_OF_SHARD, READ_CPUS, ROWS_PER_BLOCK, WHOLE_SHARD_KEY, expand_shards, read_shards, samples_of_tar, shard_name
+from rayclust.stages import Stage, run
 from rayclust.views import clean_images
+
+LABEL_COLUMNS = ("key", "cluster", "confidence", "model_version", "labeled_at")
+EVAL_ROWS = 50_000
 
 
 @dataclass
@@ -38,99 +48,99 @@ class InferSummary:
     shards: int
     rows: int
     seconds: float
+    skipped: int = 0
+    failures: dict[str, str] | None = None
 
     def __str__(self) -> str:
-        return (f"labelled {self.rows} samples of {self.shards} shards with {self.model_version} "
+        line = (f"labelled {self.rows} samples of {self.shards} shards with {self.model_version} "
                 f"in {self.seconds:.1f}s")
+        if self.skipped:
+            line += f"; {self.skipped} shards already labelled by this model from the same features"
+        return "\n".join([line, *(f"  failed {s}: {r}" for s, r in sorted((self.failures or {}).items()))])
 
 
-def latest_model(lake: Lake) -> dict:
-    latest = lake.read_json(MODELS, "LATEST")
-    if latest is None:
-        raise UserError(f"no trained model in {lake.uri}: run jobs/train.py first")
-    return latest
+class FeatureFileReader(FileBasedDatasource):
+    """Ray Data datasource over the feature table's files (one per shard): ``key`` and
+    ``embedding`` per row, then the shard's end row, as ``shards.rows_of_shard`` ends a tar."""
+
+    _FILE_EXTENSIONS = ["parquet"]
+
+    def __init__(self, paths: list[str], columns: list[str], **kwargs):
+        super().__init__(paths, **kwargs)
+        self.columns = columns
+
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        return filesystem.open_input_file(path)  # Parquet needs random access to its footer
+
+    def _read_stream(self, stream: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        shard = path.rsplit("/", 2)[-2].split("=", 1)[1]
+        parquet = pq.ParquetFile(stream)
+        for batch in parquet.iter_batches(batch_size=ROWS_PER_BLOCK * 4, columns=self.columns):
+            rows = pa.Table.from_batches([batch])
+            yield with_shard(rows, shard, None, None)
+        end = pa.table({c: pa.nulls(1, parquet.schema_arrow.field(c).type) for c in self.columns})
+        yield with_shard(end, shard, END_OF_SHARD, parquet.metadata.num_rows)
+
+
+def with_shard(rows: pa.Table, shard: str, error: str | None, shard_rows: int | None) -> pa.Table:
+    n = rows.num_rows
+    if error:
+        rows = rows.set_column(rows.schema.get_field_index("key"), "key", pa.array([WHOLE_SHARD_KEY] * n, pa.string()))
+    return (rows.append_column("shard", pa.array([shard] * n, pa.string()))
+            .append_column("error", pa.array([error] * n, pa.string()))
+            .append_column("shard_rows", pa.array([shard_rows] * n, pa.int64())))
 
 
 class Labeler:
-    """Actor: the LATEST model, loaded once, labels batches of clean embeddings."""
+    """Actor: the LATEST model, loaded once, labels the good rows of batches of clean embeddings."""
 
-    def __init__(self, lake_uri: str, latest: dict, threads: int):
+    def __init__(self, lake: Lake, latest: dict, threads: int):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        self.model = load_model(Lake.open(lake_uri), latest, self.device)
+        self.model = load_model(lake, latest, self.device)
         self.version = latest["model_version"]
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        embedding = batch.column("embedding")
-        features = torch.from_numpy(list_to_numpy(embedding, len(embedding[0]))).to(self.device)
-        probabilities = self.model.predict(features).float().cpu().numpy()
-        return self.label_rows(batch.column("key"), batch.column("shard").cast(pa.string()), probabilities,
-                               pa.nulls(batch.num_rows, pa.string()))
-
-    def label_rows(self, keys, shards, probabilities: np.ndarray, errors) -> pa.Table:
-        """One batch in the labels schema, plus ``shard`` and ``error`` for ``PartitionedSink``."""
-        n = len(keys)
-        return pa.table({
-            "key": keys,
-            "shard": shards,
-            "cluster": pa.array(probabilities.argmax(1), pa.int32()),
-            "confidence": pa.array(probabilities.max(1), pa.float32()),
-            "model_version": pa.array([self.version] * n, pa.string()),
-            "labeled_at": pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC")),
-            "error": errors,
-        })
-
-
-class ImageLabeler(Labeler):
-    """Actor: labels batches of clean images (``views.clean_images``); rows that failed keep their error."""
-
-    def __init__(self, lake_uri: str, latest: dict, threads: int):
-        super().__init__(lake_uri, latest, threads)
         self.clusters = latest["clusters"]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        good = batch["error"] == ""
-        probabilities = np.zeros((len(good), self.clusters), np.float32)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        good = batch.column("error").is_null().to_numpy(zero_copy_only=False)
+        probabilities = np.zeros((batch.num_rows, self.clusters), np.float32)
         if good.any():
-            pixels = torch.from_numpy(batch["pixels"][good]).to(self.device).float()
-            probabilities[good] = self.model.predict(pixels).float().cpu().numpy()
-        errors = pa.array([e or None for e in batch["error"]], pa.string())
-        return self.label_rows(pa.array(batch["key"], pa.string()), pa.array(batch["shard"], pa.string()),
-                               probabilities, errors)
+            rows = batch.filter(pa.array(good)).column("embedding")
+            features = torch.from_numpy(list_to_numpy(rows, len(rows[0]))).to(self.device)
+            with torch.no_grad():
+                probabilities[good] = self.model.predict(features).float().cpu().numpy()
+        return with_labels(batch, probabilities, self.version)
 
 
-def infer(lake_uri: str, batch_size: int = 1024, shards: list[str] | None = None,
-          evaluate: bool = True) -> InferSummary:
-    """Label every feature row (or only those of ``shards``) with the LATEST model.
+def with_labels(batch: pa.Table, probabilities: np.ndarray, version: str) -> pa.Table:
+    n = batch.num_rows
+    return (batch.append_column("cluster", pa.array(probabilities.argmax(1), pa.int32()))
+            .append_column("confidence", pa.array(probabilities.max(1), pa.float32()))
+            .append_column("model_version", pa.array([version] * n, pa.string()))
+            .append_column("labeled_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC"))))
 
-    ``evaluate`` also prints ACC/NMI/ARI over the whole lake (refresh, labelling a few new
-    shards, skips it: it reads every feature row).
-    """
+
+def labeler_stage(lake: Lake, latest: dict, batch_size: int) -> Stage:
+    return Stage(Labeler, batch_size=batch_size, num_cpus=LABELER_CPUS, num_gpus=labeler_gpus(), actors=labeler_pool(),
+                 kwargs={"lake": lake, "latest": latest, "threads": 1})
+
+
+def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bool = False) -> InferSummary:
+    """Label every feature row with the LATEST model (shards it already labelled from the same
+    features are skipped unless ``redo``); ``evaluate`` prints ACC/NMI/ARI on a bounded sample."""
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
     description = checkpoint_description(lake, latest)
     if is_image_model(description["model_config"]):
-        return infer_images(lake, latest, description, batch_size, shards, evaluate)
-    if not lake.has_table(FEATURES):
+        return infer_images(lake, latest, description, batch_size, evaluate)
+    features = lake.newest_files(FEATURES)
+    if not features:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
     init_ray()
-    started = time.time()
-    shards = shards or lake.partitions(FEATURES)
-    write = Write(lake)
-    dataset = ray.data.read_parquet(
-        [lake.path(FEATURES, f"shard={s}") for s in shards], filesystem=lake.arrow_fs,
-        partitioning=ray.data.datasource.Partitioning("hive", base_dir=lake.path(FEATURES)),
-    ).select_columns(["key", "shard", "embedding"])
-    labelled = dataset.map_batches(
-        Labeler, fn_constructor_kwargs={"lake_uri": lake.uri, "latest": latest, "threads": 1},
-        batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=encoder_actor_count()),
-        num_gpus=1 if cluster_gpus() else 0, num_cpus=1,
-    )
-    sink = PartitionedSink(lake, LABELS, stage="infer", write=write)
-    labelled.write_datasink(sink)
-    write.commit(shards, [LABELS])
-    summary = InferSummary(latest["model_version"], len(shards), sink.rows_written, time.time() - started)
+    require_shared(lake.uri, "lake")
+    with LakeLock(lake, "infer") as lock:
+        summary = infer_locked(lake, lock, latest, features, batch_size, redo)
     print(summary, flush=True)
     report = evaluate_labels(lake, latest["clusters"]) if evaluate else None
     if report:
@@ -138,59 +148,93 @@ def infer(lake_uri: str, batch_size: int = 1024, shards: list[str] | None = None
     return summary
 
 
+def infer_locked(lake: Lake, lock: LakeLock, latest: dict, features: dict[str, str], batch_size: int,
+                 redo: bool) -> InferSummary:
+    started, write_id = time.time(), new_write_id()
+    lake.discard_staging(keep=write_id)
+    fingerprints = {s: {LABELS: labels_fingerprint(latest["model_version"], path)} for s, path in features.items()}
+    labelled = {} if redo else {s: fingerprint_of(p) for s, p in lake.newest_files(LABELS).items()}
+    todo = [s for s in features if labelled.get(s) != fingerprints[s][LABELS]]
+    print(f"infer {len(features)} shards of {lake.uri} with {latest['model_version']}: {len(todo)} to label", flush=True)
+    committed = label_shards(lake, lock, latest, [features[s] for s in todo], batch_size, write_id,
+                             fingerprints) if todo else CommitSummary()
+    return InferSummary(latest["model_version"], committed.shards, committed.rows, time.time() - started,
+                        len(features) - len(todo), committed.failures)
+
+
+def label_shards(lake: Lake, lock: LakeLock, latest: dict, files: list[str], batch_size: int, write_id: str,
+                 fingerprints: dict[str, dict[str, str]]) -> CommitSummary:
+    rows = ray.data.read_datasource(FeatureFileReader(files, ["key", "embedding"], filesystem=lake.arrow_fs),
+                                    num_cpus=READ_CPUS)
+    writer = Stage(write_pieces, num_cpus=0.25, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
+                                                        "outputs": (Output(LABELS, LABEL_COLUMNS),)})
+    records = run(rows, labeler_stage(lake, latest, batch_size), writer)
+    return commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS, Progress("infer", len(files)),
+                                   fingerprints, before_publish=lock.check)
+
+
 def evaluate_labels(lake: Lake, clusters: int) -> QualityReport | None:
-    """ACC/NMI/ARI of the written labels (joined with the features' ``label``) beside k-means."""
-    features = pads.dataset(lake.path(FEATURES), filesystem=lake.arrow_fs, partitioning="hive")
-    truth = features.to_table(columns=["key", "label", "embedding"], filter=pc.is_valid(pc.field("label")))
-    truth = truth.slice(0, EVAL_ROWS)
+    """ACC/NMI/ARI of the written labels beside k-means, on the first EVAL_ROWS labelled features
+    (read file by file: the same cost for any size of lake)."""
+    truth = read_sample(lake, FEATURES, ["key", "label", "embedding"], EVAL_ROWS, with_shard=True)
+    truth = truth.filter(pc.is_valid(truth.column("label")))
     if truth.num_rows == 0:
         return None
-    labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive")
+    label_files = lake.newest_files(LABELS)
+    shards = [s for s in pc.unique(truth.column("shard")).to_pylist() if s in label_files]
+    labels = pa.concat_tables([pq.read_table(label_files[s], columns=["key", "cluster"], filesystem=lake.arrow_fs)
+                               for s in shards]) if shards else None
+    if labels is None:
+        return None
     rows = pa.table({"key": truth.column("key"), "row": np.arange(truth.num_rows)})
-    joined = rows.join(labels.to_table(columns=["key", "cluster"]), "key", join_type="inner")
+    joined = rows.join(labels, "key", join_type="inner")
     truth = truth.take(joined.column("row"))
     clean = list_to_numpy(truth.column("embedding"), len(truth.column("embedding")[0]))
     return compare_with_kmeans("rayclust labels", truth.column("label").to_numpy(),
                                joined.column("cluster").to_numpy(), clean, clusters)
 
 
-def image_shards(pattern: str, shards: list[str] | None) -> list[str]:
-    """URIs of the shards an image model trained on, or of the named ``shards`` among them."""
-    uris = expand_shards(pattern)
-    if not shards:
-        return uris
-    known = {shard_name(u): u for u in uris}
-    missing = sorted(set(shards) - set(known))
-    if missing:
-        raise UserError(f"shards {', '.join(missing)} are not among the model's shards {pattern}")
-    return [known[s] for s in shards]
+class ImageLabeler(Labeler):
+    """Actor: labels batches of clean images (``views.clean_images``); rows that failed keep their error."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        good = batch["error"] == ""
+        probabilities = np.zeros((len(good), self.clusters), np.float32)
+        if good.any():
+            pixels = torch.from_numpy(batch["pixels"][good]).to(self.device).float()
+            with torch.no_grad():
+                probabilities[good] = self.model.predict(pixels).float().cpu().numpy()
+        rows = pa.table({"key": pa.array(batch["key"], pa.string()), "shard": pa.array(batch["shard"], pa.string()),
+                         "error": pa.array([e or None for e in batch["error"]], pa.string()),
+                         "shard_rows": pa.array(batch["shard_rows"], pa.int64())})
+        return with_labels(rows, probabilities, self.version)
 
 
-def infer_images(lake: Lake, latest: dict, description: dict, batch_size: int, shards: list[str] | None,
-                 evaluate: bool) -> InferSummary:
+def infer_images(lake: Lake, latest: dict, description: dict, batch_size: int, evaluate: bool) -> InferSummary:
     """Label every image of the shards an image model trained on (recorded in its checkpoint).
 
     Re-running replaces those shards' labels and errors partitions; errors here come from the
     same decoding as the embed stage's, so they list the same bad samples.
     """
-    uris = image_shards(description["shards"], shards)
-    names = [shard_name(u) for u in uris]
+    uris = expand_shards(description["shards"])
     init_ray()
-    started = time.time()
-    write = Write(lake)
-    labelled = read_shards(uris).map_batches(
-        clean_images, fn_kwargs={"image_size": description["model_config"]["image_size"]},
-        batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
-    ).map_batches(
-        ImageLabeler, fn_constructor_kwargs={"lake_uri": lake.uri, "latest": latest, "threads": 1},
-        batch_size=batch_size, compute=ActorPoolStrategy(size=encoder_actor_count()),
-        num_gpus=1 if cluster_gpus() else 0, num_cpus=1,
-    )
-    sink = PartitionedSink(lake, LABELS, stage="infer", write=write)
-    labelled.write_datasink(sink)
-    write.commit(names, [LABELS, ERRORS])
-    summary = InferSummary(latest["model_version"], len(uris), sink.rows_written, time.time() - started)
-    print(f"{summary}; {sink.errors_written} bad samples recorded in errors/", flush=True)
+    require_shared(lake.uri, "lake")
+    with LakeLock(lake, "infer") as lock:
+        started, write_id = time.time(), new_write_id()
+        lake.discard_staging(keep=write_id)
+        writer = Stage(write_pieces, num_cpus=0.25, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
+                                                            "outputs": (Output(LABELS, LABEL_COLUMNS),)})
+        records = run(read_shards(uris),
+                      Stage(clean_images, batch_size=ROWS_PER_BLOCK,
+                            kwargs={"image_size": description["model_config"]["image_size"]}),
+                      Stage(ImageLabeler, batch_size=batch_size, batch_format="numpy", num_gpus=labeler_gpus(),
+                            actors=encoder_pool(), kwargs={"lake": lake, "latest": latest, "threads": 1}),
+                      writer)
+        committed = commit_as_shards_finish(records, lake, write_id, (LABELS, ERRORS), LABELS,
+                                            Progress("infer", len(uris)), before_publish=lock.check)
+    summary = InferSummary(latest["model_version"], committed.shards, committed.rows, time.time() - started,
+                           failures=committed.failures)
+    print(f"{summary}; {committed.bad} bad samples recorded in errors/", flush=True)
     report = evaluate_image_labels(lake, uris) if evaluate else None
     if report:
         print(report, flush=True)
@@ -217,7 +261,10 @@ def evaluate_image_labels(lake: Lake, uris: list[str]) -> QualityReport | None:
         return None
     truth = pa.table({"key": pa.array([k for k, _ in pairs], pa.string()),
                       "label": pa.array([label for _, label in pairs], pa.int64())})
-    labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive")
-    joined = truth.join(labels.to_table(columns=["key", "cluster"]), "key", join_type="inner")
+    label_files = lake.newest_files(LABELS)
+    shards = sorted({shard_name(u) for u in uris} & set(label_files))
+    labels = pa.concat_tables([pq.read_table(label_files[s], columns=["key", "cluster"], filesystem=lake.arrow_fs)
+                               for s in shards])
+    joined = truth.join(labels, "key", join_type="inner")
     return QualityReport(joined.num_rows, {"rayclust labels": cluster_metrics(
         joined.column("label").to_numpy(), joined.column("cluster").to_numpy())})

@@ -11,18 +11,20 @@ Layout (the contract is docs/lake.md)::
     LAKE/_staging/<write-id>/                       a job's files before they are published
     LAKE/_lock                                      who is refreshing the lake (rayclust/lock.py)
 
-A job writes into ``_staging/<write-id>/`` and then publishes shard by shard: one file per
-shard and table, moved into place, then the shard's older files deleted (``Write.commit``).
+A job stages pieces under ``_staging/<write-id>/`` and publishes each shard as soon as it is
+complete: one file per shard and table, moved into place, then the shard's older files deleted
+(``rayclust/commit.py``).
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import os
 import uuid
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -30,8 +32,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data.block import BlockAccessor
-from ray.data.datasource import Datasink
 
 FEATURES = "features"
 LABELS = "labels"
@@ -40,8 +40,7 @@ MODELS = "models"
 MANIFEST = "manifest"
 STAGING = "_staging"
 WRITE_ID = "write_id"
-COMMIT_THREADS = 16
-ERROR_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("stage", pa.string())])
+S3_RETRIES = 10  # pyarrow's standard retry strategy backs off between them
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -59,9 +58,25 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """pyarrow's own filesystem for the same store: Parquet reads and writes, moves and deletes
+    in C++ (the native S3 client, configured from the same AWS environment as s3fs)."""
     if is_local(fs):
         return pafs.LocalFileSystem()
+    if "s3" in fs.protocol:
+        return native_s3()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def native_s3() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES)}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    return pafs.S3FileSystem(**options)
 
 
 @dataclass(frozen=True)
@@ -78,28 +93,43 @@ class Lake:
             fs.makedirs(root, exist_ok=True)
         return cls(uri.rstrip("/"), fs, root)
 
-    @property
+    @functools.cached_property
     def arrow_fs(self) -> pafs.FileSystem:
         return to_pyarrow(self.fs)
+
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.fs)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def has_table(self, table: str) -> bool:
-        return bool(self.parquet_files(table))
+        return bool(self.newest_files(table))
 
-    def parquet_files(self, table: str) -> list[str]:
-        return sorted(self.fs.glob(self.path(table, "shard=*", "*.parquet")))
+    def newest_files(self, table: str) -> dict[str, str]:
+        """shard -> the path of its newest file in ``table`` (one listing of the table).
 
-    def partitions(self, table: str) -> list[str]:
-        """Shard names that have a partition in ``table``."""
-        dirs = self.fs.glob(self.path(table, "shard=*"))
-        return sorted(d.rsplit("shard=", 1)[1] for d in dirs)
+        A partition holds one file, or, for a moment during a publish (or after a crash in
+        one), also an older one: the newest write id is the complete one.
+        """
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for path in self.fs.glob(self.path(table, "shard=*", "*.parquet")):
+            by_shard[path.rsplit("/", 2)[-2].split("=", 1)[1]].append(path)
+        return {shard: max(paths, key=lambda p: p.rsplit("/", 1)[-1]) for shard, paths in sorted(by_shard.items())}
 
-    def discard_staging(self) -> None:
-        """Delete what crashed jobs left in ``_staging/``; only the lock holder may call this."""
-        if self.fs.exists(self.path(STAGING)):
-            self.fs.rm(self.path(STAGING), recursive=True)
+    def partition_files(self, table: str, shard: str) -> list[str]:
+        """The files of one shard's partition, listed with pyarrow (workers use this)."""
+        selector = pafs.FileSelector(self.path(table, f"shard={shard}"), allow_not_found=True)
+        return sorted(info.path for info in self.arrow_fs.get_file_info(selector) if info.path.endswith(".parquet"))
+
+    def discard_staging(self, keep: str) -> None:
+        """Delete ``_staging/`` except write ``keep``'s. Only the lake lock's holder calls this:
+        every other write there belongs to a job whose lease has expired, so it can never
+        publish it (its pieces no longer add up)."""
+        for entry in self.fs.ls(self.path(STAGING)) if self.fs.exists(self.path(STAGING)) else []:
+            if entry.rstrip("/").rsplit("/", 1)[-1] != keep:
+                self.fs.rm(entry, recursive=True)
 
     def read_json(self, *parts: str) -> Any | None:
         path = self.path(*parts)
@@ -133,109 +163,6 @@ def new_write_id() -> str:
     return f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
 
 
-@dataclass
-class Write:
-    """One job's output: staged under ``_staging/<id>/``, published shard by shard by ``commit``."""
-
-    lake: Lake
-    id: str = field(default_factory=new_write_id)
-
-    def staged(self, table: str, shard: str) -> str:
-        return self.lake.path(STAGING, self.id, table, f"shard={shard}")
-
-    def commit(self, shards: Iterable[str], tables: Iterable[str]) -> None:
-        """Make this write the content of each shard's partition of each table, then drop the staging.
-
-        Per shard and table: the staged pieces become one file ``<write-id>.parquet`` (with a
-        ``write_id`` column), moved into the partition, then the partition's other files are
-        deleted. A shard with nothing staged loses its old files: the write replaced them with
-        nothing. A crash half-way leaves each partition with its old file, or old and new files
-        (the larger write id is complete), never a partial file; re-running the job repairs it.
-        """
-        self.lake.fs.invalidate_cache(self.lake.path(STAGING, self.id))  # pieces came from Ray workers
-        tables = list(tables)
-        # Shards are independent and publishing one is a few round trips to the store: overlap them.
-        with ThreadPoolExecutor(COMMIT_THREADS) as pool:
-            list(pool.map(lambda shard: [self._publish(table, shard) for table in tables], shards))
-        self.discard()
-
-    def discard(self) -> None:
-        if self.lake.fs.exists(self.lake.path(STAGING, self.id)):
-            self.lake.fs.rm(self.lake.path(STAGING, self.id), recursive=True)
-
-    def _publish(self, table: str, shard: str) -> None:
-        fs, partition = self.lake.fs, self.lake.path(table, f"shard={shard}")
-        old = fs.glob(f"{partition}/*.parquet")
-        pieces = sorted(fs.glob(f"{self.staged(table, shard)}/*.parquet"))
-        if not pieces:
-            if old:
-                fs.rm(partition, recursive=True)
-            return
-        rows = pa.concat_tables([pq.read_table(p, filesystem=self.lake.arrow_fs) for p in pieces])
-        rows = rows.append_column(WRITE_ID, pa.array([self.id] * rows.num_rows, pa.string()))
-        combined = f"{self.staged(table, shard)}.parquet"
-        pq.write_table(rows, combined, filesystem=self.lake.arrow_fs)
-        fs.makedirs(partition, exist_ok=True)
-        published = f"{partition}/{self.id}.parquet"
-        fs.mv(combined, published)
-        for path in old:
-            if path != published:
-                fs.rm(path)
-
-
-class PartitionedSink(Datasink[dict]):
-    """Stages each block's rows for ``table/shard=<name>/``, one file per block and shard.
-
-    Rows whose ``error`` column is set go to the errors table instead, so one pass
-    over the data writes both. Nothing is visible in the tables until the caller
-    commits ``write``. The shard column lives in the path (Hive style), as Spark,
-    DuckDB and pyarrow expect. ``write`` returns per-shard counts for the job summary.
-    """
-
-    def __init__(self, lake: Lake, table: str, stage: str, write: Write):
-        self.lake = lake
-        self.table = table
-        self.stage = stage
-        self.staging = write
-
-    def write(self, blocks: Iterable, ctx) -> dict:
-        counts = {"rows": Counter(), "errors": Counter(), "reasons": Counter()}
-        for block in blocks:
-            rows = BlockAccessor.for_block(block).to_arrow()
-            if rows.num_rows == 0:
-                continue
-            for shard in set(rows.column("shard").to_pylist()):
-                part = rows.filter(pc.equal(rows.column("shard"), shard))
-                failed = part.column("error").is_valid()
-                good = part.filter(pc.invert(failed))
-                bad = part.filter(failed)
-                self._write(self.table, shard, good.drop_columns(["shard", "error"]))
-                self._write(ERRORS, shard, self._as_errors(bad))
-                counts["rows"][shard] += good.num_rows
-                counts["errors"][shard] += bad.num_rows
-                counts["reasons"].update(r.split(":")[0] for r in bad.column("error").to_pylist())
-        return counts
-
-    def _as_errors(self, bad: pa.Table) -> pa.Table:
-        stage = pa.array([self.stage] * bad.num_rows, pa.string())
-        return pa.table([bad.column("key"), bad.column("error"), stage], schema=ERROR_SCHEMA)
-
-    def _write(self, table: str, shard: str, rows: pa.Table) -> None:
-        if rows.num_rows == 0:
-            return
-        directory = self.staging.staged(table, shard)
-        self.lake.fs.makedirs(directory, exist_ok=True)
-        pq.write_table(rows, f"{directory}/{uuid.uuid4().hex}.parquet", filesystem=self.lake.arrow_fs)
-
-    def on_write_complete(self, write_result) -> None:
-        returns = write_result.write_returns
-        self.rows_by_shard = sum((r["rows"] for r in returns), Counter())
-        self.errors_by_shard = sum((r["errors"] for r in returns), Counter())
-        self.rows_written = sum(self.rows_by_shard.values())
-        self.errors_written = sum(self.errors_by_shard.values())
-        self.reasons = sum((r["reasons"] for r in returns), Counter())
-
-
 def list_to_numpy(column: pa.ChunkedArray | pa.Array, *inner: int) -> np.ndarray:
     """A column of equal-length (nested) float lists as one float32 array [rows, *inner]."""
     flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
@@ -244,11 +171,14 @@ def list_to_numpy(column: pa.ChunkedArray | pa.Array, *inner: int) -> np.ndarray
     return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), *inner)
 
 
-def read_sample(lake: Lake, table: str, columns: list[str], max_rows: int) -> pa.Table:
-    """The first ``max_rows`` rows of a table, read on the driver (for evaluation and schemas)."""
+def read_sample(lake: Lake, table: str, columns: list[str], max_rows: int, with_shard: bool = False) -> pa.Table:
+    """The first ``max_rows`` rows of a table, read on the driver (for evaluation and schemas):
+    file after file until there are enough, so it costs the same for any size of table."""
     pieces, rows = [], 0
-    for path in lake.parquet_files(table):
+    for shard, path in lake.newest_files(table).items():
         piece = pq.read_table(path, columns=columns, filesystem=lake.arrow_fs)
+        if with_shard:
+            piece = piece.append_column("shard", pa.array([shard] * piece.num_rows, pa.string()))
         pieces.append(piece.slice(0, max_rows - rows))
         rows += pieces[-1].num_rows
         if rows >= max_rows:

@@ -1,10 +1,12 @@
 """A lease on the lake: ``LAKE/_lock``, so that two refreshes never write the same lake at once.
 
-The lock is a small JSON record (holder, job, host, pid, acquired_at, expires_at) that its
-holder renews while it runs. Taking it is a conditional create: S3 ``If-None-Match: *``
+The lock is a small JSON record (holder, job, host, boot_id, pid, started, acquired_at,
+expires_at) that its holder renews while it runs; embed, infer and refresh all hold it while
+they write. Taking it is a conditional create: S3 ``If-None-Match: *``
 (AWS S3 and SeaweedFS honour it), and on a local lake a read-decide-write under ``flock``
-of ``LAKE/_lock.guard``. A record whose lease has expired, or whose holder ran on this host
-and has died, is stale and is taken over with a conditional replace (S3 ``If-Match`` on the
+of ``LAKE/_lock.guard``. A record whose lease has expired, or whose holder ran on this very
+machine since its last boot (same ``boot_id``, not merely the same host name, which containers
+share) and is no longer running (its pid is gone or belongs to a process started later), is stale and is taken over with a conditional replace (S3 ``If-Match`` on the
 ETag read), so exactly one contender wins. A holder that cannot renew (someone took over
 after its lease ran out) is told by ``check()`` and stops before its next commit.
 """
@@ -36,6 +38,25 @@ def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+def boot_id() -> str:
+    """This machine's boot, from the kernel (unique per boot and per machine); "" where unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot ("" if it does not exist or is unknown):
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 @dataclass(frozen=True)
 class Lease:
     holder: str
@@ -44,6 +65,8 @@ class Lease:
     pid: int
     acquired_at: str
     expires_at: str
+    boot_id: str = ""
+    started: str = ""
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.__dict__, indent=2).encode()
@@ -64,7 +87,9 @@ class Lease:
     def stale(self) -> bool:
         if utc_now() >= self.expires():
             return True
-        return self.host == socket.gethostname() and not pid_alive(self.pid)
+        if not self.boot_id or self.boot_id != boot_id():
+            return False  # another machine (or an unknown one): only its lease can tell
+        return not pid_alive(self.pid) or (bool(self.started) and process_start(self.pid) != self.started)
 
     def describe(self) -> str:
         left = (self.expires() - utc_now()).total_seconds()
@@ -211,8 +236,9 @@ class LakeLock:
 
     def _lease(self) -> bytes:
         now = utc_now()
-        return Lease(self.holder, self.job, socket.gethostname(), os.getpid(),
-                     self.acquired_at, (now + datetime.timedelta(seconds=self.ttl_s)).isoformat()).to_bytes()
+        return Lease(self.holder, self.job, socket.gethostname(), os.getpid(), self.acquired_at,
+                     (now + datetime.timedelta(seconds=self.ttl_s)).isoformat(), boot_id(),
+                     process_start(os.getpid())).to_bytes()
 
     def acquire(self) -> None:
         self.acquired_at = utc_now().isoformat()

@@ -1,7 +1,10 @@
 """The manifest: which source shards refresh has processed, as one Parquet file in the lake.
 
-``LAKE/manifest/manifest.parquet`` holds one row per shard (``MANIFEST_SCHEMA``), replaced
-whole each time a group of shards is committed, after their features and labels are published.
+``LAKE/manifest/manifest.parquet`` holds one row per shard (``MANIFEST_SCHEMA``). While refresh
+runs, each shard's row lands as a file of its own (``manifest/<write-id>-<shard>.parquet``) right
+after its features and labels are published; at the end of the run all rows are compacted into
+``manifest.parquet`` and those files deleted. A reader takes each shard's newest row
+(``processed_at``): after a crash the per-shard files stay until the next run compacts them.
 A shard is new when its name is not in it, changed when its URI, size or ETag (S3; on local
 disks the mtime) differ from the row, and otherwise skipped.
 """
@@ -75,18 +78,37 @@ def source_shard(uri: str, info: dict) -> SourceShard:
     return SourceShard(uri, shard_name(uri), int(info["size"]), etag.strip('"') if etag else None, mtime)
 
 
-def read_manifest(lake: Lake) -> dict[str, dict]:
-    """shard name -> its manifest row (empty before the first refresh)."""
-    path = lake.path(MANIFEST, MANIFEST_FILE)
-    if not lake.fs.exists(path):
-        return {}
-    rows = pq.read_table(path, filesystem=lake.arrow_fs, schema=MANIFEST_SCHEMA).to_pylist()
-    return {row["shard"]: row for row in rows}
+def manifest_files(lake: Lake) -> list[str]:
+    return sorted(lake.fs.glob(lake.path(MANIFEST, "*.parquet")))
 
 
-def write_manifest(lake: Lake, entries: dict[str, dict]) -> None:
+def read_manifest(lake: Lake, files: list[str] | None = None) -> dict[str, dict]:
+    """shard name -> its newest manifest row (empty before the first refresh)."""
+    entries: dict[str, dict] = {}
+    for path in manifest_files(lake) if files is None else files:
+        for row in pq.read_table(path, filesystem=lake.arrow_fs, schema=MANIFEST_SCHEMA).to_pylist():
+            if row["shard"] not in entries or row["processed_at"] > entries[row["shard"]]["processed_at"]:
+                entries[row["shard"]] = row
+    return entries
+
+
+def record_shard(lake: Lake, write_id: str, entry: dict) -> None:
+    """One shard's row, as a file of its own, once its features and labels are published."""
+    rows = pa.Table.from_pylist([entry], schema=MANIFEST_SCHEMA)
+    lake.write_parquet(rows, MANIFEST, f"{write_id}-{entry['shard']}.parquet")
+
+
+def compact_manifest(lake: Lake) -> None:
+    """All rows (each shard's newest) into ``manifest.parquet``, then the other files deleted."""
+    files = manifest_files(lake)
+    if [f.rsplit("/", 1)[-1] for f in files] in ([], [MANIFEST_FILE]):
+        return
+    entries = read_manifest(lake, files)
     rows = pa.Table.from_pylist([entries[name] for name in sorted(entries)], schema=MANIFEST_SCHEMA)
     lake.write_parquet(rows, MANIFEST, MANIFEST_FILE)
+    for path in files:
+        if not path.endswith(f"/{MANIFEST_FILE}"):
+            lake.fs.rm(path)
 
 
 def manifest_entry(shard: SourceShard, samples: int, bad_samples: int, encoder: str,

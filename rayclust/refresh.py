@@ -1,26 +1,29 @@
 """Keep the lake fresh: embed and label only the shards that are new or changed since last time.
 
-Under the lake's lock: list the source, compare it with the manifest, and process the new and
-changed shards in groups. Per group: embed (features and errors published per shard), label
-with LATEST through ``labels.infer`` (labels published per shard), then record the group in
-the manifest. A crash at any point leaves the group out of the manifest, so the next run
-redoes it and replaces whatever it had published: one feature and one label row per good
-sample, never two. Ends with a summary and the drift signal (rayclust/drift.py).
+Under the lake's lock: list the source, compare it with the manifest, and run one streaming
+pipeline over the new and changed shards (at most ``max_shards`` of them): read, decode, embed,
+label with LATEST, stage. Each shard's features, errors and labels are published as soon as the
+shard is complete, then its manifest row is written. A crash at any point leaves the unfinished
+shards out of the manifest, so the next run redoes them and replaces whatever they had published:
+one feature and one label row per good sample, never two. Ends with a summary and the drift
+signal (rayclust/drift.py).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from rayclust.commit import Output, ShardResult
 from rayclust.drift import Drift, baseline, label_stats
 from rayclust.errors import UserError
-from rayclust.features import embed_uris
-from rayclust.lake import FEATURES, LABELS, Lake, Write, read_sample
-from rayclust.labels import infer, latest_model
+from rayclust.features import embed_shards
+from rayclust.labels import LABEL_COLUMNS, labeler_stage
+from rayclust.lake import FEATURES, LABELS, Lake, new_write_id, read_sample
 from rayclust.lock import DEFAULT_TTL_S, LakeLock
-from rayclust.manifest import (SourceShard, list_source, manifest_entry, plan_refresh, read_manifest,
-                               write_manifest)
-from rayclust.training import CONFIG_FILE
+from rayclust.manifest import (SourceShard, compact_manifest, list_source, manifest_entry, plan_refresh,
+                               read_manifest, record_shard)
+from rayclust.models.checkpoint import CONFIG_FILE, latest_model
+from rayclust.runtime import init_ray, require_shared
 
 EXIT_DRIFT = 3
 EXIT_FAILED_SHARDS = 4
@@ -30,9 +33,9 @@ EXIT_FAILED_SHARDS = 4
 class RefreshSettings:
     shards: str
     lake: str
-    batch_size: int = 64
+    batch_size: int = 256
     infer_batch_size: int = 1024
-    group_size: int = 8
+    max_shards: int | None = None
     max_confidence_drop: float = 0.1
     max_cluster_shift: float = 0.25
     lock_ttl_s: float = DEFAULT_TTL_S
@@ -46,6 +49,7 @@ class RefreshReport:
     changed: int = 0
     skipped: int = 0
     gone: int = 0
+    deferred: int = 0
     samples: int = 0
     bad_samples: int = 0
     failures: dict[str, str] = field(default_factory=dict)
@@ -63,6 +67,7 @@ class RefreshReport:
             ("new", self.new, ""),
             ("changed", self.changed, "size or ETag/mtime differ from the manifest"),
             ("skipped", self.skipped, "unchanged since they were processed"),
+            ("deferred", self.deferred, "over --max-shards: the next run takes them"),
             ("failed", len(self.failures), "not recorded: the next refresh retries them"),
             ("gone", self.gone, "in the manifest, not in the source: their rows are kept"),
             ("samples labelled", self.samples, f"with {self.model_version}"),
@@ -89,33 +94,14 @@ def feature_settings(lake: Lake, latest: dict) -> tuple[str, int]:
     return encoder, views
 
 
-def chunks(shards: list[SourceShard], size: int) -> list[list[SourceShard]]:
-    return [shards[i:i + size] for i in range(0, len(shards), size)]
-
-
-def process_group(lake: Lake, group: list[SourceShard], encoder: str, views: int,
-                  settings: RefreshSettings) -> tuple[dict[str, dict], int]:
-    """Embed and label one group; returns its manifest entries and the samples labelled."""
-    embedded = embed_uris([s.uri for s in group], lake, encoder, views, settings.batch_size)
-    with_samples = [s.name for s in group if embedded.samples_by_shard[s.name] > 0]
-    without = [s.name for s in group if embedded.samples_by_shard[s.name] == 0]
-    model_version, labelled = latest_model(lake)["model_version"], 0
-    if with_samples:
-        inferred = infer(lake.uri, settings.infer_batch_size, shards=with_samples, evaluate=False)
-        model_version, labelled = inferred.model_version, inferred.rows
-    if without:
-        Write(lake).commit(without, [LABELS])  # no good samples now: no labels either
-    entries = {s.name: manifest_entry(s, embedded.samples_by_shard[s.name], embedded.bad_by_shard[s.name],
-                                      encoder, model_version) for s in group}
-    return entries, labelled
-
-
 def refresh(settings: RefreshSettings) -> RefreshReport:
     """Process the new and changed shards of ``settings.shards`` into ``settings.lake``."""
     started = time.time()
     source = list_source(settings.shards)
     lake = Lake.open(settings.lake)
     latest = latest_model(lake)
+    init_ray()
+    require_shared(lake.uri, "lake")
     with LakeLock(lake, "refresh", settings.lock_ttl_s) as lock:
         if lock.took_over:
             print(f"took over the stale lock of {lock.took_over.describe()}", flush=True)
@@ -126,46 +112,43 @@ def refresh(settings: RefreshSettings) -> RefreshReport:
 
 def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest: dict,
                    settings: RefreshSettings) -> RefreshReport:
-    lake.discard_staging()
-    manifest = read_manifest(lake)
-    plan = plan_refresh(source, manifest)
+    write_id = new_write_id()
+    lake.discard_staging(keep=write_id)
+    compact_manifest(lake)  # what a crashed run recorded shard by shard
+    plan = plan_refresh(source, read_manifest(lake))
+    todo = plan.todo[:settings.max_shards]
     report = RefreshReport(latest["model_version"], len(source), len(plan.new), len(plan.changed),
-                           len(plan.unchanged), len(plan.gone))
-    print(f"refresh {lake.uri}: {len(source)} shards, {len(plan.todo)} to process "
-          f"({report.new} new, {report.changed} changed)", flush=True)
-    done = process_groups(lake, lock, plan.todo, latest, manifest, report, settings) if plan.todo else []
-    report.model_version = latest_model(lake)["model_version"]
-    report.drift = drift_of(lake, done, settings)
+                           len(plan.unchanged), len(plan.gone), len(plan.todo) - len(todo))
+    print(f"refresh {lake.uri}: {len(source)} shards, {len(todo)} to process "
+          f"({report.new} new, {report.changed} changed, {report.deferred} deferred)", flush=True)
+    done = process_shards(lake, lock, todo, latest, report, settings, write_id) if todo else []
+    compact_manifest(lake)
+    report.drift = drift_of(lake, latest, done, settings)
     return report
 
 
-def process_groups(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, manifest: dict[str, dict],
-                   report: RefreshReport, settings: RefreshSettings) -> list[str]:
-    """Process ``todo`` group by group, recording each finished group in the manifest; returns its shards."""
+def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, report: RefreshReport,
+                   settings: RefreshSettings, write_id: str) -> list[str]:
+    """One pipeline over ``todo``; each shard's manifest row is written once it is published."""
     encoder, views = feature_settings(lake, latest)
+    by_name = {s.name: s for s in todo}
     done: list[str] = []
-    for group in chunks(todo, settings.group_size):
+
+    def record(result: ShardResult) -> None:
         lock.check()
-        try:
-            entries, labelled = process_group(lake, group, encoder, views, settings)
-        except UserError:
-            raise
-        except Exception as exn:  # a shard we cannot read must not stop the others
-            reason = f"{type(exn).__name__}: {exn}".splitlines()[0]
-            print(f"failed: {', '.join(s.name for s in group)}: {reason}", flush=True)
-            report.failures.update({s.name: reason for s in group})
-            continue
-        lock.check()
-        manifest.update(entries)
-        write_manifest(lake, manifest)
-        done += list(entries)
-        report.samples += labelled
-        report.bad_samples += sum(e["bad_samples"] for e in entries.values())
+        record_shard(lake, write_id, manifest_entry(by_name[result.shard], result.rows, result.bad, encoder,
+                                                    latest["model_version"]))
+        done.append(result.shard)
+
+    committed = embed_shards(lake, lock, todo, encoder, views, settings.batch_size, write_id,
+                             extra=(labeler_stage(lake, latest, settings.infer_batch_size),),
+                             outputs=(Output(LABELS, LABEL_COLUMNS),), on_published=record,
+                             labelled_by=latest["model_version"])
+    report.samples, report.bad_samples, report.failures = committed.rows, committed.bad, committed.failures
     return done
 
 
-def drift_of(lake: Lake, shards: list[str], settings: RefreshSettings) -> Drift:
-    latest = latest_model(lake)
+def drift_of(lake: Lake, latest: dict, shards: list[str], settings: RefreshSettings) -> Drift:
     new = label_stats(lake, latest["model_version"], latest["clusters"], shards) if shards else None
     reference = baseline(lake, latest, shards) if new else None
     return Drift(reference, new, settings.max_confidence_drop, settings.max_cluster_shift)

@@ -1,10 +1,16 @@
-"""Ray start-up and the resource arithmetic that keeps jobs from starving each other."""
+"""Ray start-up, where a job's files must live, and how many actors each stage gets."""
 from __future__ import annotations
 
 import logging
 import os
 
 import ray
+
+from rayclust.errors import UserError
+
+LABELER_GPU_SHARE = 0.25  # a small MLP: four labelers share a GPU
+LABELER_CPUS = 0.25
+DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per core keep it busy
 
 
 def init_ray() -> None:
@@ -22,9 +28,43 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def require_shared(uri: str, what: str) -> None:
+    """Refuse a local path that workers on other nodes cannot see (call after ``init_ray``)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    nodes = alive_nodes()
+    if nodes > 1:
+        raise UserError(f"{what} {uri} is a local folder but the Ray cluster has {nodes} nodes, whose workers "
+                        f"cannot see this machine's disk: use an s3:// {what}")
+
+
 def encoder_actor_count() -> int:
     """One actor per GPU; on CPU, leave a quarter of the CPUs (at least one) to read and decode."""
     if cluster_gpus():
         return cluster_gpus()
     cpus = int(cluster_cpus())
     return max(1, cpus - max(1, cpus // 4))
+
+
+def encoder_pool() -> tuple[int, int | None]:
+    """GPU: one actor per GPU now, growing as the autoscaler adds GPUs. CPU: a fixed pool that
+    leaves CPUs to the decoding tasks."""
+    if cluster_gpus():
+        return 1, None
+    return encoder_actor_count(), encoder_actor_count()
+
+
+def labeler_gpus() -> float:
+    return LABELER_GPU_SHARE if cluster_gpus() else 0.0
+
+
+def labeler_pool() -> tuple[int, int | None]:
+    """A small model labels far faster than an encoder embeds: a few actors, on CPU a quarter
+    CPU each beside the encoders (asking for whole CPUs there stalls refresh's decoding)."""
+    if cluster_gpus():
+        return 1, None
+    return 1, max(1, int(cluster_cpus()) // 4)

@@ -32,6 +32,7 @@ from rayclust.evaluation import QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, model_config, pretrained_state
+from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_model
 from rayclust.models.heads import co_assignments
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
@@ -40,8 +41,6 @@ from rayclust.views import training_views
 EVAL_ROWS = 50_000
 MATERIALIZE_FRACTION = 0.25
 NEIGHBOUR_BLOCK = 10_000
-CHECKPOINT_FILE = "model.pt"
-CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -428,23 +427,6 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return None
     with checkpoint.as_directory() as directory:
         return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-
-
-def checkpoint_description(lake: Lake, latest: dict) -> dict:
-    """The config.json of the checkpoint a LATEST pointer names (model config, clusters, shards, ...)."""
-    with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CONFIG_FILE}", "r") as f:
-        return json.load(f)
-
-
-def load_model(lake: Lake, latest: dict, device: str = "cpu") -> torch.nn.Module:
-    """The model a LATEST pointer names, in eval mode. Loads tensors only (weights_only)."""
-    directory = lake.path(latest["checkpoint"])
-    description = checkpoint_description(lake, latest)
-    model = build_model(description["model_config"], description["feature_dim"], description["clusters"])
-    with lake.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as f:
-        state = torch.load(f, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
 
 
 def evaluate_checkpoint(lake: Lake, latest: dict) -> QualityReport | None:

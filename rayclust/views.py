@@ -1,7 +1,7 @@
 """Images become model inputs: PCLC's weak and strong training views, and the clean view for inference.
 
 Runs in Ray Data CPU tasks over ``SAMPLE_SCHEMA`` batches from ``rayclust.shards``; images are
-decoded with ``features.decode_image`` (bad samples are skipped in training and reported in
+decoded with ``decode.decode_image`` (bad samples are skipped in training and reported in
 inference). Pixels travel as float16 to halve the object store traffic.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 from rayclust.encoders import contrastive_augmentation
-from rayclust.features import BadSample, decode_image
+from rayclust.decode import BadSample, decode_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as PCLC normalises
 PCLC_SIZE = 224
@@ -102,5 +102,6 @@ def clean_images(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
         "key": batch.column("key").to_numpy(zero_copy_only=False),
         "shard": batch.column("shard").to_numpy(zero_copy_only=False),
         "error": np.array([e or "" for e in errors], dtype=str),  # "" = good; Ray turns all-None columns into NaN
+        "shard_rows": batch.column("shard_rows").fill_null(0).to_numpy(),
         "pixels": pixels,
     }
