@@ -115,8 +115,8 @@ def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clu
                         f"(at least {least}): lower --clusters")
     per_worker = rows // workers
     if per_worker == 0 or (explicit and batch_size > per_worker):
-        raise UserError(f"no full batch of {batch_size} samples per worker: the feature table has {rows} rows "
-                        f"for {workers} worker(s): lower --batch-size or --workers")
+        raise UserError(f"no full batch of {batch_size} samples per worker (the feature table has {rows} rows "
+                        f"for {workers} worker(s)): lower --batch-size or --workers")
     if explicit or batch_size * MIN_STEPS_PER_EPOCH <= per_worker:
         return batch_size
     return min(batch_size, per_worker, max(per_worker // MIN_STEPS_PER_EPOCH, -(-least // workers)))

@@ -124,7 +124,8 @@ def test_a_user_error_on_a_ray_train_worker_ends_the_job_in_one_line(tmp_path):
     assert run.returncode == 1, run.stderr
     assert job_lines(run.stderr) == ["error: no full batch of 128 samples per worker: lower --batch-size or --workers"], \
         run.stderr
-    # Ray Train's PlacementGroupCleaner actor finds its cluster's address by looking for Ray's processes:
-    # where several local Ray instances run (another test's, another job's), it dies with a traceback of its own
-    ours = [line for line in (run.stdout + run.stderr).splitlines() if "(PlacementGroupCleaner pid=" not in line]
-    assert not [line for line in ours if "Traceback" in line], run.stderr
+    output = run.stdout + run.stderr
+    assert "rayclust.errors.UserError" not in output, output  # its traceback: the driver's, a worker's, the controller's
+    # Ray's own processes may log tracebacks of their own trouble, unrelated to the job's: Ray Train's controller
+    # when a resource request times out on a loaded machine, its PlacementGroupCleaner where several local Rays run
+    assert not [line for line in output.splitlines() if "Traceback" in line and not RAY_PROCESS.search(line)], output
