@@ -23,7 +23,8 @@ def build_parser() -> JobArgumentParser:
                         help="feature models: self-labelling epochs after the contrastive ones, 0 for none "
                              "(default: the model config's)")
     parser.add_argument("--batch-size", type=at_least(1), default=None,
-                        help="samples per worker per step; the loss sees workers x this (default: the model config's)")
+                        help="samples per worker per step; the loss sees workers x this (default: the model config's, "
+                             "lowered to fit a small feature table)")
     parser.add_argument("--workers", type=at_least(1), default=None,
                         help="Ray Train workers (default: one per GPU, else 1 using all CPUs but one)")
     parser.add_argument("--run", default=None,

@@ -48,17 +48,36 @@ def fraction(text: str) -> float:
     return value
 
 
+def user_error(exn: BaseException) -> UserError | None:
+    """``exn`` if it is a UserError, else the UserError that Ray wrapped in it, if any: a Ray task's
+    or actor's (``RayTaskError.cause``; Ray's subclass of it is also a UserError, but its message is
+    the remote traceback), a Ray Train worker's (``WorkerGroupError.worker_failures``) or the Ray
+    Train controller's (``ControllerError.controller_failure``). (Not a Ray Data function's: Ray Data
+    passes it on as a UserCodeException that keeps only its traceback's text.)"""
+    if isinstance(exn, UserError) and not hasattr(exn, "cause"):
+        return exn
+    wrapped = [getattr(exn, "cause", None), getattr(exn, "controller_failure", None),
+               *getattr(exn, "worker_failures", {}).values()]
+    for inner in wrapped:
+        if isinstance(inner, BaseException) and (found := user_error(inner)) is not None:
+            return found
+    return None
+
+
 def run_job(main: Callable[[], object]) -> None:
     """Run a job's main; user mistakes end as one line and exit status 1, not a traceback
-    (a bad flag has already exited with 2 in the parser)."""
+    (a bad flag has already exited with 2 in the parser), also when a Ray worker raised them."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         main()
-    except UserError as exn:
-        sys.exit(f"error: {exn}")
     except FileNotFoundError as exn:
         sys.exit(f"error: not found: {exn.filename or exn}")
     except PermissionError as exn:
         sys.exit(f"error: permission denied: {exn.filename or exn}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+    except Exception as exn:
+        problem = user_error(exn)
+        if problem is None:
+            raise
+        sys.exit(f"error: {problem}")

@@ -134,7 +134,7 @@ def feature_rows(batch: dict[str, np.ndarray], features: np.ndarray, encoder: st
     view_vectors = pa.ListArray.from_arrays(
         np.arange(0, n * (v - 1) * d + 1, d, dtype=np.int32), features[:, 1:].ravel()
     )
-    views = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * (v - 1), view_vectors)
+    views = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * (v - 1), view_vectors)  # v - 1 may be 0
     return pa.table(
         {
             "key": pa.array(batch["key"], pa.string()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -20,11 +21,12 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
@@ -41,6 +43,14 @@ from rayclust.views import training_views
 EVAL_ROWS = 50_000
 MATERIALIZE_FRACTION = 0.25
 NEIGHBOUR_BLOCK = 10_000
+# A default batch too large for the table is lowered to give each epoch this many full steps:
+# one or two steps an epoch leave the optimizer too few updates to learn from a small corpus.
+MIN_STEPS_PER_EPOCH = 4
+# ... but the global batch keeps this many samples per cluster: the cluster loss contrasts the K
+# clusters' assignment vectors over the batch and maximises the entropy of their sizes, which
+# with fewer samples than clusters cannot even give every cluster one. A table with fewer rows
+# than this is refused: it cannot make one such batch.
+MIN_BATCH_PER_CLUSTER = 2
 
 
 @dataclass
@@ -86,6 +96,37 @@ def feature_shape(lake: Lake) -> tuple[int, int]:
     """(feature dim D, augmented views V) of the feature table."""
     row = read_sample(lake, FEATURES, ["embedding", "views"], 1)
     return len(row.column("embedding")[0]), len(row.column("views")[0])
+
+
+def count_rows(lake: Lake, table: str) -> int:
+    """The table's rows, from the Parquet footers alone (no column is read)."""
+    return pads.dataset(lake.path(table), filesystem=lake.arrow_fs, format="parquet").count_rows()
+
+
+def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clusters: int) -> int:
+    """The per-worker batch for a feature table of ``rows`` rows, which Ray Train splits evenly over
+    ``workers``, each dropping its last partial batch. An ``explicit`` batch is kept if it fits at
+    all; a default one too large for MIN_STEPS_PER_EPOCH steps is lowered, not below
+    MIN_BATCH_PER_CLUSTER samples per cluster in the global batch (nor above a worker's rows)."""
+    least = MIN_BATCH_PER_CLUSTER * clusters
+    if rows < least:
+        raise UserError(f"the feature table has {rows} rows, too few for {clusters} clusters "
+                        f"(at least {least}): lower --clusters")
+    per_worker = rows // workers
+    if per_worker == 0 or (explicit and batch_size > per_worker):
+        raise UserError(f"no full batch of {batch_size} samples per worker (the feature table has {rows} rows "
+                        f"for {workers} worker(s)): lower --batch-size or --workers")
+    if explicit or batch_size * MIN_STEPS_PER_EPOCH <= per_worker:
+        return batch_size
+    return min(batch_size, per_worker, max(per_worker // MIN_STEPS_PER_EPOCH, -(-least // workers)))
+
+
+def check_pairs(views: int, model: str, config: dict) -> None:
+    """A feature model pairs each row with one of its augmented views or, when its config has
+    ``neighbours``, with a neighbour's clean row: a table embedded with ``--views 0`` needs the latter."""
+    if views == 0 and not config.get("neighbours", 0):
+        raise UserError(f"--model {model} pairs each row with its augmented views, but the feature table has none "
+                        f"(embedded with --views 0): re-embed with --views 1 or more, or train a model with neighbours")
 
 
 def training_pairs(batch: pa.Table, neighbours: int) -> dict[str, np.ndarray]:
@@ -183,13 +224,18 @@ def train(settings: TrainSettings) -> dict:
         else settings.self_label_epochs
     if images and self_label_epochs:
         raise UserError(f"--model {settings.model} trains on images: self-labelling is for feature models")
-    dim = config["image_size"] if images else feature_shape(lake)[0]
+    if images:
+        dim, rows = config["image_size"], None  # counting images would read every shard
+    else:
+        dim, views = feature_shape(lake)
+        check_pairs(views, settings.model, config)
+        rows = count_rows(lake, FEATURES)
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dataset = image_training_dataset(uris, dim) if images else training_dataset(lake, config.get("neighbours", 0))
     plan = plan_workers(settings.workers)
-    batch_size = settings.batch_size or config["batch_size"]
+    batch_size = training_batch_size(settings, config, rows, plan.workers)
+    dataset = image_training_dataset(uris, dim) if images else training_dataset(lake, config.get("neighbours", 0))
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
         "epochs": settings.epochs or config["epochs"], "self_label_epochs": self_label_epochs,
@@ -208,6 +254,9 @@ def train(settings: TrainSettings) -> dict:
         run_config=RunConfig(
             name=run, storage_path=lake.path(MODELS), storage_filesystem=lake.arrow_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's controller logs a failure's traceback at INFO before fit() raises it with the same
+            # traceback (or, for a UserError, before run_job prints it as one line): keep it off the terminal
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ingest_options(ordered=not images)),
@@ -224,6 +273,20 @@ def train(settings: TrainSettings) -> dict:
     return latest
 
 
+def training_batch_size(settings: TrainSettings, config: dict, rows: int | None, workers: int) -> int:
+    """The per-worker batch: the settings' or the model config's, fitted to a feature table of ``rows``
+    rows (``fit_batch_size``). An image model's samples are not counted (that would read every shard):
+    too few of them for one batch end the first epoch with a UserError on the workers."""
+    requested = settings.batch_size or config["batch_size"]
+    if rows is None:
+        return requested
+    fitted = fit_batch_size(requested, settings.batch_size is not None, rows, workers, settings.clusters)
+    if fitted != requested:
+        print(f"batch size {requested} -> {fitted} per worker: the feature table has {rows} rows "
+              f"for {workers} worker(s)", flush=True)
+    return fitted
+
+
 def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, clusters: int) -> dict:
     relative = checkpoint_path[len(lake.root):].lstrip("/")
     latest = {
@@ -238,8 +301,25 @@ def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, cl
     return latest
 
 
+class HideUserErrorTraceback(logging.Filter):
+    """Drops, from the terminal, Ray Train's log of a training function's traceback when it ended in a
+    UserError: the job reports that as one line (``rayclust.cli.run_job``). Worker log files keep it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        last_line = record.getMessage().rstrip().rsplit("\n", 1)[-1]
+        return not last_line.startswith(f"{UserError.__module__}.{UserError.__qualname__}:")
+
+
+def hide_user_error_tracebacks() -> None:
+    """On a Ray Train worker: ``HideUserErrorTraceback`` on the console handlers of Ray Train's logger."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(HideUserErrorTraceback())
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    hide_user_error_tracebacks()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
