@@ -258,6 +258,7 @@ def commit_as_shards_finish(records: ray.data.Dataset, lake: Lake, write_id: str
     for shard, pieces in waiting.items():
         summary.failures[shard] = (f"incomplete: {pieces.counted(primary)} rows staged of "
                                    f"{pieces.expected if pieces.expected is not None else 'an unknown number'}")
+    lake.discard_write(write_id)  # what is left there belongs to shards that failed: a run again redoes them
     return summary
 
 

@@ -114,6 +114,7 @@ class Lake:
         one), also an older one: the newest write id is the complete one.
         """
         by_shard: dict[str, list[str]] = defaultdict(list)
+        self.fs.invalidate_cache(self.path(table))  # other processes wrote it: never trust a cached listing
         for path in self.fs.glob(self.path(table, "shard=*", "*.parquet")):
             by_shard[path.rsplit("/", 2)[-2].split("=", 1)[1]].append(path)
         return {shard: max(paths, key=lambda p: p.rsplit("/", 1)[-1]) for shard, paths in sorted(by_shard.items())}
@@ -127,9 +128,16 @@ class Lake:
         """Delete ``_staging/`` except write ``keep``'s. Only the lake lock's holder calls this:
         every other write there belongs to a job whose lease has expired, so it can never
         publish it (its pieces no longer add up)."""
+        self.fs.invalidate_cache(self.path(STAGING))
         for entry in self.fs.ls(self.path(STAGING)) if self.fs.exists(self.path(STAGING)) else []:
             if entry.rstrip("/").rsplit("/", 1)[-1] != keep:
                 self.fs.rm(entry, recursive=True)
+
+    def discard_write(self, write_id: str) -> None:
+        path = self.path(STAGING, write_id)
+        self.fs.invalidate_cache(path)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
 
     def read_json(self, *parts: str) -> Any | None:
         path = self.path(*parts)

@@ -79,6 +79,7 @@ def source_shard(uri: str, info: dict) -> SourceShard:
 
 
 def manifest_files(lake: Lake) -> list[str]:
+    lake.fs.invalidate_cache(lake.path(MANIFEST))
     return sorted(lake.fs.glob(lake.path(MANIFEST, "*.parquet")))
 
 

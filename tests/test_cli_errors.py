@@ -36,7 +36,7 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
                                   "unknown encoder"),
         "embed-views-not-a-number": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "abc"],
                                      "invalid int value"),
-        "embed-views-zero": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "0"], "at least 1"),
+        "embed-views-negative": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "-1"], "at least 0"),
         "embed-unknown-flag": (["embed.py", "--shards", SHARD, "--lake", lake, "--nope"], "unrecognized arguments"),
         "embed-missing-flag": (["embed.py", "--lake", lake], "--shards"),
         "train-empty-lake": (["train.py", "--lake", empty], "no features"),

@@ -16,7 +16,8 @@ import torch
 from rayclust.features import write_feature_arrays
 from rayclust.lake import MODELS, Lake
 from rayclust.models import model_config
-from rayclust.training import TrainSettings, evaluate_checkpoint, load_model, train
+from rayclust.models.checkpoint import load_model
+from rayclust.training import TrainSettings, evaluate_checkpoint, train
 
 from conftest import REPO
 
