@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 

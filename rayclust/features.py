@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 import torch
 
 from rayclust.commit import (CommitSummary, Output, ShardResult, commit_as_shards_finish, file_name, fingerprint_of,
@@ -32,7 +31,7 @@ from rayclust.lock import LakeLock
 from rayclust.manifest import SourceShard, list_source
 from rayclust.progress import Progress
 from rayclust.runtime import DECODE_CPUS, cluster_gpus, encoder_pool, init_ray, require_shared
-from rayclust.shards import END_OF_SHARD, ROWS_PER_BLOCK, read_shards
+from rayclust.shards import ROWS_PER_BLOCK, read_shards
 from rayclust.stages import Stage, run
 
 FEATURE_COLUMNS = ("key", "label", "embedding", "views", "encoder")

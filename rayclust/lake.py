@@ -191,4 +191,4 @@ def read_sample(lake: Lake, table: str, columns: list[str], max_rows: int, with_
         rows += pieces[-1].num_rows
         if rows >= max_rows:
             break
-    return pa.concat_tables(pieces)
+    return pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], pa.null()) for c in columns})

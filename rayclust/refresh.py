@@ -83,9 +83,9 @@ class RefreshReport:
 
 def feature_settings(lake: Lake, latest: dict) -> tuple[str, int]:
     """(encoder spec, augmented views) of the feature table: new shards must match it."""
-    if not lake.has_table(FEATURES):
-        raise UserError(f"no features in {lake.uri}: run jobs/embed.py and jobs/train.py first")
     row = read_sample(lake, FEATURES, ["encoder", "views"], 1)
+    if row.num_rows == 0:
+        raise UserError(f"no features in {lake.uri}: run jobs/embed.py and jobs/train.py first")
     encoder, views = row.column("encoder")[0].as_py(), len(row.column("views")[0])
     trained_on = (lake.read_json(latest["checkpoint"], CONFIG_FILE) or {}).get("encoder")
     if trained_on not in (None, encoder):

@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,30 @@ def s3_server(s3_env, tmp_path_factory) -> SeaweedS3:
         pytest.fail(str(exn))
     yield server
     server.stop()
+
+
+def job_env() -> dict[str, str]:
+    """The test's environment without RAY_ADDRESS: a job run as a subprocess starts a local Ray of its own."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def start_job(command: list[str], log: Path) -> subprocess.Popen:
+    """A job in its own process group (so a kill takes its Ray too), output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, env=job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the job ended (status {process.returncode}) before {what}:\n{log.read_text()}")
+        if time.time() > deadline:
+            raise AssertionError(f"no {what} within {timeout}s:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

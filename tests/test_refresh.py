@@ -29,7 +29,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, TINY_ENCODER
+from conftest import REPO, TINY_ENCODER, job_env, kill, start_job, wait_until
 
 SAMPLES = 200
 SHARDS = [f"part-{i:06d}" for i in range(4)]
@@ -59,32 +59,8 @@ def refresh_command(pattern: str, lake: str) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / "refresh.py"), "--shards", pattern, "--lake", lake]
 
 
-def job_env() -> dict[str, str]:
-    """The test's environment without RAY_ADDRESS: the job starts a local Ray of its own."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
 def start_refresh(pattern: str, lake: str, log: Path) -> subprocess.Popen:
-    """jobs/refresh.py in its own process group (so a kill takes its Ray too), output to ``log``."""
-    with open(log, "w") as out:
-        return subprocess.Popen(refresh_command(pattern, lake), env=job_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_until(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"refresh ended (status {process.returncode}) before {what}:\n{log.read_text()}")
-        if time.time() > deadline:
-            raise AssertionError(f"no {what} within {timeout}s:\n{log.read_text()}")
-        time.sleep(0.2)
-
-
-def kill(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    return start_job(refresh_command(pattern, lake), log)
 
 
 def feature_files(lake: Path) -> set[Path]:
@@ -139,7 +115,8 @@ def crash_and_rerun(trained_lake, source) -> dict:
     finally:
         kill(first)
     at_kill = {"published": feature_files(lake) - before,
-               "manifest": (lake / "manifest" / "manifest.parquet").exists()}
+               "manifest": (lake / "manifest" / "manifest.parquet").exists(),
+               "recorded": len(list((lake / "manifest").glob("*-part-*.parquet")))}
 
     second = start_refresh(pattern, str(lake), logs / "second.log")
     try:
@@ -203,7 +180,8 @@ def test_rerun_took_over_the_killed_runs_lock_and_recorded_every_shard(crash_and
         (SHARDS[0], SAMPLES, 0), (SHARDS[1], SAMPLES, 1), (SHARDS[2], SAMPLES, 0)]
     assert {m["model_version"] for m in manifest} == {"tiny/epoch-1"}
     assert all(m["size"] > 0 and m["mtime"] is not None and m["etag"] is None for m in manifest)
-    assert re.search(r"shards seen +3\n", log) and re.search(r"samples labelled +600 ", log), log
+    left = 3 - crash_and_rerun["at_kill"]["recorded"]  # shards the killed run had finished are not redone
+    assert re.search(r"shards seen +3\n", log) and re.search(rf"samples labelled +{left * SAMPLES} ", log), log
 
 
 def test_a_second_refresh_while_one_runs_exits_with_one_line(crash_and_rerun):
@@ -377,7 +355,8 @@ def test_refresh_on_s3_commits_each_shard_once(s3_refreshed):
 def test_new_latest_labels_new_shards_and_infer_relabels_the_rest(s3_refreshed):
     assert s3_refreshed["versions_after_refresh"] == {NEW_VERSION: set(SHARDS[2:]), "tiny/epoch-1": set(SHARDS[:2])}
     assert "no baseline" in str(s3_refreshed["report"].drift)  # nothing else carries the new version yet
-    assert s3_refreshed["relabelled"].rows == len(SHARDS) * SAMPLES
+    relabelled = s3_refreshed["relabelled"]  # the refreshed shards already carry the new model's labels
+    assert (relabelled.rows, relabelled.shards, relabelled.skipped) == (2 * SAMPLES, 2, 2)
     assert labels_by_version(s3_refreshed["fs"], s3_refreshed["root"]) == {NEW_VERSION: set(SHARDS)}
 
 
