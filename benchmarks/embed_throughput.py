@@ -39,7 +39,7 @@ def plain_loop(args) -> None:
 
     torch.set_num_threads(args.threads)
     from rayclust.encoders import load_encoder, load_preprocessing
-    from rayclust.decode import BadSample, decode_image
+    from rayclust.decode import BadSample, decode_image, normalise
     from rayclust.shards import expand_shards, samples_of_tar
 
     preprocessing = load_preprocessing(args.encoder)
@@ -71,9 +71,10 @@ def plain_loop(args) -> None:
                     continue
                 views = [preprocessing.clean(image)] + [preprocessing.augment(image) for _ in range(args.views)]
                 stacks.append(torch.stack(views))
-            pixels = torch.stack(stacks).to(torch.float16)  # the Ray stage ships float16 pixels
+            pixels = torch.stack(stacks)  # uint8, as the Ray stage ships them
             n, v = pixels.shape[:2]
-            features = encoder.forward(pixels.flatten(0, 1).float()).reshape(n, v, -1)
+            inputs = normalise(pixels.flatten(0, 1), preprocessing.mean, preprocessing.std)
+            features = encoder.forward(inputs).reshape(n, v, -1)
             outputs.append(features.numpy().astype(np.float32))
             images += n
             if first_batch_done is None:

@@ -48,8 +48,8 @@ def build_lake(npz: Path, lake: Path, rows_per_file: int) -> None:
     for start in range(0, len(keys), rows_per_file):
         rows = slice(start, start + rows_per_file)
         batch = {"key": keys[rows], "shard": shards[rows], "label": labels[rows],
-                 "error": np.array([""] * len(keys[rows]))}
-        block = feature_rows(batch, features[rows], "effnet-lite0").drop_columns(["shard", "error"])
+                 "error": np.array([""] * len(keys[rows])), "shard_rows": np.zeros(len(keys[rows]), np.int64)}
+        block = feature_rows(batch, features[rows], "effnet-lite0").drop_columns(["shard", "error", "shard_rows"])
         directory = lake / "features" / f"shard={shards[start]}"
         directory.mkdir(parents=True, exist_ok=True)
         pq.write_table(block, directory / f"{start:08d}.parquet")

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import duckdb
@@ -190,54 +189,6 @@ def test_a_second_refresh_while_one_runs_exits_with_one_line(crash_and_rerun):
     lines = third.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in third.stderr, third.stderr
     assert lines[0].startswith("error: ") and f"is locked by refresh (pid {holder} " in lines[0], lines[0]
-
-
-@pytest.fixture(params=["local", "s3"])
-def empty_lake(request, tmp_path):
-    from rayclust.lake import Lake
-
-    if request.param == "local":
-        return Lake.open(str(tmp_path / "lake"), create=True)
-    server = request.getfixturevalue("s3_server")
-    return Lake.open(f"s3://{server.bucket}/locks-{uuid.uuid4().hex[:8]}")
-
-
-def test_lock_is_exclusive_until_released(empty_lake):
-    from rayclust.lock import LakeLock, LakeLocked
-
-    with LakeLock(empty_lake, "refresh"):
-        with pytest.raises(LakeLocked, match=f"locked by refresh \\(pid {os.getpid()} "):
-            LakeLock(empty_lake, "other").acquire()
-    with LakeLock(empty_lake, "other") as lock:
-        assert lock.took_over is None
-
-
-def test_expired_lock_is_taken_over_once(empty_lake):
-    from rayclust.lock import LOCK, LakeLock, LakeLocked, Lease
-
-    expired = Lease("crashed", "refresh", "another-host", 4242, "2026-11-22T00:00:00+00:00",
-                    "2026-11-22T00:05:00+00:00")
-    empty_lake.fs.pipe_file(empty_lake.path(LOCK), expired.to_bytes())
-    with LakeLock(empty_lake, "refresh") as lock:
-        assert lock.took_over == expired
-        with pytest.raises(LakeLocked):
-            LakeLock(empty_lake, "refresh").acquire()
-
-
-def test_holder_whose_lease_ran_out_loses_the_lock(empty_lake):
-    from rayclust.lock import LakeLock, LakeLocked
-
-    slow = LakeLock(empty_lake, "slow", ttl_s=0.5)
-    slow.acquire()  # no renewal thread: as if the holder hung
-    time.sleep(1.0)
-    with LakeLock(empty_lake, "next") as next_holder:
-        assert next_holder.took_over.job == "slow"
-        slow.renew()
-        with pytest.raises(LakeLocked, match="lost the lock"):
-            slow.check()
-        slow.release()  # must not delete the new holder's lock
-        with pytest.raises(LakeLocked, match="locked by next"):
-            LakeLock(empty_lake, "third").acquire()
 
 
 # --- incremental work and drift -----------------------------------------------------------------
