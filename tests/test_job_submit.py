@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,7 +106,8 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def head(s3_env, s3_server, tmp_path_factory):
     token = secrets.token_hex(32)
-    env = head_env(token, tempfile.mkdtemp(prefix="rc-js-", dir="/tmp"))  # short: socket paths have a limit
+    tmpdir = tempfile.mkdtemp(prefix="rc-js-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = head_env(token, tmpdir)
     command, dashboard = start_command()
     log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
     with open(log, "w") as out:
@@ -117,6 +119,7 @@ def head(s3_env, s3_server, tmp_path_factory):
         yield node
     finally:
         stop(process)
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def job_api(head: Head, path: str) -> dict:

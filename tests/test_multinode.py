@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ def private_ray_tmpdir():
         os.environ.pop("RAY_TMPDIR", None)
     else:
         os.environ["RAY_TMPDIR"] = saved
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +189,14 @@ def test_local_folder_lake_is_refused_on_a_multi_node_cluster(cluster, raw, tmp_
     assert done.returncode != 0, done.stdout + done.stderr
     assert len(lines) == 1 and "local folder" in lines[0], done.stderr
     assert not list(lake.glob("features/**/*.parquet"))
+
+
+def test_default_training_workers_fit_on_one_node(cluster):
+    """Ray Train places each worker on one node, so a worker asking for more CPUs than any node
+    has waits forever: jobs/train.py without --workers must plan workers that fit a node."""
+    import ray
+    from rayclust.training import plan_workers
+
+    plan = plan_workers(None)
+    largest = max(node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"])
+    assert plan.cpus_per_worker <= largest, f"{plan} on nodes of at most {largest} CPUs"
