@@ -28,6 +28,10 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def largest_node_cpus() -> float:
+    return max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=0.0)
+
+
 def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
@@ -63,8 +67,8 @@ def labeler_gpus() -> float:
 
 
 def labeler_pool() -> tuple[int, int | None]:
-    """A small model labels far faster than an encoder embeds: a few actors, on CPU a quarter
-    CPU each beside the encoders (asking for whole CPUs there stalls refresh's decoding)."""
+    """From one actor, growing while batches queue up: as many as encoders on CPU (a quarter CPU
+    each: whole CPUs beside the encoders stalled refresh's decoding), four per GPU on GPU."""
     if cluster_gpus():
         return 1, None
-    return 1, max(1, int(cluster_cpus()) // 4)
+    return 1, encoder_actor_count()

@@ -36,7 +36,7 @@ from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, p
 from rayclust.models import build_model, is_image_model, model_config, pretrained_state
 from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_model
 from rayclust.models.heads import co_assignments
-from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray
+from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
 from rayclust.views import training_views
 
@@ -83,13 +83,14 @@ class WorkerPlan:
 
 def plan_workers(requested: int | None) -> WorkerPlan:
     """One worker per GPU; on CPU, workers share all CPUs but one, which Ray Data keeps for reading
-    (asking for every CPU would wait forever while an actor of an earlier stage still holds one)."""
+    (asking for every CPU would wait forever while an actor of an earlier stage still holds one),
+    and no worker asks for more CPUs than the largest node has (a worker runs on one node)."""
     gpus = cluster_gpus()
     if gpus:
         return WorkerPlan(requested or gpus, True, 1.0)
     workers = requested or 1
     spare = max(cluster_cpus() - 1, 0.5)
-    return WorkerPlan(workers, False, round(min(spare / workers, spare), 2))
+    return WorkerPlan(workers, False, round(min(spare / workers, spare, largest_node_cpus()), 2))
 
 
 def feature_shape(lake: Lake) -> tuple[int, int]:

@@ -124,7 +124,7 @@ def pipeline(cluster, s3_server, raw) -> dict:
     lake = f"s3://{root}/lake"
     embedded = embed(f"{raw}/part-{{000000..{FIRST_SHARDS - 1:06d}}}.tar", lake, TINY_ENCODER, views=2,
                      batch_size=32)
-    # workers=2: one-CPU nodes fit one worker each; the default asks one worker for all CPUs but one
+    # workers=2: one worker per one-CPU node (test_default_training_workers_fit_on_one_node: the default)
     latest = train(TrainSettings(lake, "ccmlp", clusters=CLUSTERS, epochs=1, self_label_epochs=1, batch_size=64,
                                  workers=2, run="multinode"))
     inferred = infer(lake, batch_size=64)
@@ -172,9 +172,9 @@ def test_labels_come_from_the_latest_model(pipeline):
 
 def test_encoders_labelers_and_training_workers_ran_on_several_nodes(pipeline):
     placed = pipeline["placed"]
-    # one-CPU nodes and one CPU per actor: two actors cannot share a node
+    # one-CPU nodes and one CPU per encoder: two encoders cannot share a node
     assert len(nodes_of(placed, "Embedder")) >= 2, placed
-    assert len(nodes_of(placed, "Labeler")) >= 2, placed
+    assert nodes_of(placed, "Labeler"), placed  # a quarter CPU each: a pool that grows only when batches queue
     assert len(nodes_of(placed, "RayTrainWorker")) == 2, placed
 
 
