@@ -93,10 +93,11 @@ def read_manifest(lake: Lake, files: list[str] | None = None) -> dict[str, dict]
     return entries
 
 
-def record_shard(lake: Lake, write_id: str, entry: dict) -> None:
-    """One shard's row, as a file of its own, once its features and labels are published."""
-    rows = pa.Table.from_pylist([entry], schema=MANIFEST_SCHEMA)
-    lake.write_parquet(rows, MANIFEST, f"{write_id}-{entry['shard']}.parquet")
+def record_shards(lake: Lake, write_id: str, entries: list[dict]) -> None:
+    """Shards' rows as a file of their own (named after the first), once their features and labels
+    are published."""
+    rows = pa.Table.from_pylist(entries, schema=MANIFEST_SCHEMA)
+    lake.write_parquet(rows, MANIFEST, f"{write_id}-{entries[0]['shard']}.parquet")
 
 
 def compact_manifest(lake: Lake) -> None:

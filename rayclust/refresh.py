@@ -11,22 +11,26 @@ signal (rayclust/drift.py).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from rayclust.commit import Output, ShardResult
+import pyarrow.parquet as pq
+
+from rayclust.commit import Output, ShardResult, fingerprint_of
 from rayclust.drift import Drift, baseline, label_stats
 from rayclust.errors import UserError
-from rayclust.features import embed_shards
+from rayclust.features import embed_shards, labels_fingerprint, source_fingerprint
 from rayclust.labels import LABEL_COLUMNS, labeler_stage
-from rayclust.lake import FEATURES, LABELS, Lake, new_write_id, read_sample
+from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id, read_sample
 from rayclust.lock import DEFAULT_TTL_S, LakeLock
 from rayclust.manifest import (SourceShard, compact_manifest, list_source, manifest_entry, plan_refresh,
-                               read_manifest, record_shard)
+                               read_manifest, record_shards)
 from rayclust.models.checkpoint import CONFIG_FILE, latest_model
 from rayclust.runtime import init_ray, require_shared
 
 EXIT_DRIFT = 3
 EXIT_FAILED_SHARDS = 4
+FOOTER_READS = 32  # concurrent footer reads when adopting shards
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RefreshReport:
     skipped: int = 0
     gone: int = 0
     deferred: int = 0
+    adopted: int = 0
     samples: int = 0
     bad_samples: int = 0
     failures: dict[str, str] = field(default_factory=dict)
@@ -67,6 +72,7 @@ class RefreshReport:
             ("new", self.new, ""),
             ("changed", self.changed, "size or ETag/mtime differ from the manifest"),
             ("skipped", self.skipped, "unchanged since they were processed"),
+            ("adopted", self.adopted, "new here, but embed and infer had done them: recorded, not redone"),
             ("deferred", self.deferred, "over --max-shards: the next run takes them"),
             ("failed", len(self.failures), "not recorded: the next refresh retries them"),
             ("gone", self.gone, "in the manifest, not in the source: their rows are kept"),
@@ -116,28 +122,55 @@ def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest
     lake.discard_staging(keep=write_id)
     compact_manifest(lake)  # what a crashed run recorded shard by shard
     plan = plan_refresh(source, read_manifest(lake))
-    todo = plan.todo[:settings.max_shards]
+    encoder, views = feature_settings(lake, latest) if plan.todo else ("", 0)
+    adopted = adopt_done_shards(lake, plan.new, encoder, views, latest, write_id)
+    pending = [s for s in plan.todo if s.name not in adopted]
+    todo = pending[:settings.max_shards]
     report = RefreshReport(latest["model_version"], len(source), len(plan.new), len(plan.changed),
-                           len(plan.unchanged), len(plan.gone), len(plan.todo) - len(todo))
+                           len(plan.unchanged), len(plan.gone), len(pending) - len(todo), len(adopted))
     print(f"refresh {lake.uri}: {len(source)} shards, {len(todo)} to process "
-          f"({report.new} new, {report.changed} changed, {report.deferred} deferred)", flush=True)
-    done = process_shards(lake, lock, todo, latest, report, settings, write_id) if todo else []
+          f"({report.new} new, {report.changed} changed, {report.adopted} adopted, {report.deferred} deferred)",
+          flush=True)
+    done = process_shards(lake, lock, todo, latest, report, settings, write_id, encoder, views) if todo else []
     compact_manifest(lake)
     report.drift = drift_of(lake, latest, done, settings)
     return report
 
 
+def adopt_done_shards(lake: Lake, new: list[SourceShard], encoder: str, views: int, latest: dict,
+                      write_id: str) -> set[str]:
+    """Record, without redoing them, the new shards whose features were made from the same file
+    with the table's encoder and views and whose labels come from LATEST on those features (the
+    usual start: embed, train, infer, then the first scheduled refresh)."""
+    features, labels = lake.newest_files(FEATURES), lake.newest_files(LABELS)
+    done = [s for s in new if s.name in features and s.name in labels
+            and fingerprint_of(features[s.name]) == source_fingerprint(s, encoder, views)
+            and fingerprint_of(labels[s.name]) == labels_fingerprint(latest["model_version"], features[s.name])]
+    if not done:
+        return set()
+    errors = lake.newest_files(ERRORS)
+    with ThreadPoolExecutor(FOOTER_READS) as pool:
+        samples = list(pool.map(lambda s: footer_rows(lake, features[s.name]), done))
+        bad = list(pool.map(lambda s: footer_rows(lake, errors[s.name]) if s.name in errors else 0, done))
+    record_shards(lake, write_id, [manifest_entry(s, n, b, encoder, latest["model_version"])
+                                   for s, n, b in zip(done, samples, bad)])
+    return {s.name for s in done}
+
+
+def footer_rows(lake: Lake, path: str) -> int:
+    return pq.ParquetFile(path, filesystem=lake.arrow_fs).metadata.num_rows
+
+
 def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, report: RefreshReport,
-                   settings: RefreshSettings, write_id: str) -> list[str]:
+                   settings: RefreshSettings, write_id: str, encoder: str, views: int) -> list[str]:
     """One pipeline over ``todo``; each shard's manifest row is written once it is published."""
-    encoder, views = feature_settings(lake, latest)
     by_name = {s.name: s for s in todo}
     done: list[str] = []
 
     def record(result: ShardResult) -> None:
         lock.check()
-        record_shard(lake, write_id, manifest_entry(by_name[result.shard], result.rows, result.bad, encoder,
-                                                    latest["model_version"]))
+        record_shards(lake, write_id, [manifest_entry(by_name[result.shard], result.rows, result.bad, encoder,
+                                                      latest["model_version"])])
         done.append(result.shard)
 
     committed = embed_shards(lake, lock, todo, encoder, views, settings.batch_size, write_id,

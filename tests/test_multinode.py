@@ -129,9 +129,8 @@ def pipeline(cluster, s3_server, raw) -> dict:
                                  workers=2, run="multinode"))
     inferred = infer(lake, batch_size=64)
     write_synthetic_shards(raw, NEW_SHARDS, SAMPLES, classes=CLUSTERS, size=32, seed=1, first=FIRST_SHARDS)
-    # the new shards' pattern only: refresh knows the shards of its manifest, not those jobs/embed.py wrote
-    new_shards = f"{raw}/part-{{{FIRST_SHARDS:06d}..{FIRST_SHARDS + NEW_SHARDS - 1:06d}}}.tar"
-    refreshed = refresh(RefreshSettings(new_shards, lake, batch_size=32, infer_batch_size=64))
+    # every shard: those embed and infer did are adopted into the manifest, the new ones processed
+    refreshed = refresh(RefreshSettings(f"{raw}/*.tar", lake, batch_size=32, infer_batch_size=64))
     return {"root": root, "lake": lake, "embedded": embedded, "latest": latest, "inferred": inferred,
             "refreshed": refreshed, "placed": nodes_by_actor_class(cluster.webui_url), "fs": s3_server.filesystem()}
 
@@ -154,8 +153,8 @@ def test_every_sample_has_one_feature_row_and_one_label_row(pipeline):
     assert pipeline["embedded"].samples == FIRST_SHARDS * SAMPLES and pipeline["embedded"].bad_samples == 0
     assert pipeline["inferred"].rows == FIRST_SHARDS * SAMPLES
     refreshed = pipeline["refreshed"]
-    assert (refreshed.new, refreshed.changed, refreshed.samples, dict(refreshed.failures)) == \
-        (NEW_SHARDS, 0, NEW_SHARDS * SAMPLES, {})
+    assert (refreshed.new, refreshed.adopted, refreshed.changed, refreshed.samples, dict(refreshed.failures)) == \
+        (FIRST_SHARDS + NEW_SHARDS, FIRST_SHARDS, 0, NEW_SHARDS * SAMPLES, {})
     assert rows_by_shard(pipeline["fs"], pipeline["root"], "features") == expected
     assert rows_by_shard(pipeline["fs"], pipeline["root"], "labels") == expected
 
