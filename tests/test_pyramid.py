@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from rayclust.errors import UserError
-from rayclust.labels import evaluate_image_labels, image_shards, infer
+from rayclust.labels import evaluate_image_labels, infer
+from rayclust.shards import expand_shards
 from rayclust.lake import ERRORS, LABELS, MODELS, Lake
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config, pretrained_state
@@ -203,5 +204,5 @@ def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, cifar_s
     errors = pads.dataset(lake.path(ERRORS), partitioning="hive").to_table().to_pylist()
     assert [(e["key"], e["stage"]) for e in errors] == [("broken", "infer")]
     assert errors[0]["reason"].startswith(("not an image", "undecodable image"))
-    report = evaluate_image_labels(lake, image_shards(description["shards"], None))
+    report = evaluate_image_labels(lake, expand_shards(description["shards"]))
     assert report.samples == 1001 and 0 <= report.rows["rayclust labels"]["acc"] <= 1
