@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,7 +184,7 @@ def check_embed_settings(encoder: str, views: int) -> None:
     spec = parse_spec(encoder)
     if views < 0:
         raise UserError("--views must be 0 or more")
-    if spec.kind == "open_clip" and spec.pretrained not in ("none",) and "/" in spec.pretrained:
+    if spec.kind == "open_clip" and os.path.isfile(spec.pretrained):  # a local checkpoint, not a tag
         init_ray()
         require_shared(spec.pretrained, "encoder checkpoint")
 
