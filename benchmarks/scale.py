@@ -206,13 +206,14 @@ def job_table(job: str, corpora: list[Corpus], baseline: Corpus) -> str:
     rows = []
     for corpus in [baseline] + corpora:
         r = corpus.results[job]
+        shard_time = per_shard(r, baseline.results[job])
         files = " ".join(f"{t[:1]} {n}x{lo}" + (f"-{hi}" if hi != lo else "")
                          for t, (n, lo, hi) in r.files.items() if n)
         rows.append({
             "S": corpus.size if corpus is not baseline else "1 (start-up)",
             "shards done": r.shards,
             "wall s": r.wall,
-            "per-shard s": per_shard(r, baseline.results[job]) or "",
+            "per-shard s": "" if shard_time is None else shard_time,
             "commit span s": "" if r.commit_span is None else r.commit_span,
             "driver MiB": mib(r.driver_rss),
             "tree MiB": mib(r.tree_rss),
@@ -230,8 +231,9 @@ def goals(corpora: list[Corpus], baseline: Corpus) -> list[str]:
     small, large = corpora[0], corpora[-1]
     lines = []
     for job in ("embed", "train", "infer") if large is not small else ():
-        a, b = per_shard(small.results[job], baseline.results[job]), per_shard(large.results[job], baseline.results[job])
-        if a and b:
+        start = baseline.results[job]
+        a, b = per_shard(small.results[job], start), per_shard(large.results[job], start)
+        if a is not None and b is not None:
             lines.append(_check(f"{job}: per-shard s at S={large.size} <= 1.2 x at S={small.size}", b, 1.2 * a))
         lines.append(_check(f"{job}: driver peak RSS at S={large.size} <= 1.25 x at S={small.size} (MiB)",
                             mib(large.results[job].driver_rss), 1.25 * mib(small.results[job].driver_rss)))
@@ -291,7 +293,7 @@ def main() -> None:
             corpora = [run_corpus(size, args, server.metrics_port) for size in args.shards]
         finally:
             server.stop()
-    print(f"\ncorpus generation: " + ", ".join(f"S={c.size} {c.generate_seconds:.0f}s" for c in corpora))
+    print("\ncorpus generation: " + ", ".join(f"S={c.size} {c.generate_seconds:.0f}s" for c in corpora))
     for job in JOBS:
         print(f"\n## {job}\n")
         print(job_table(job, corpora, baseline))
