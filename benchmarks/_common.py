@@ -99,6 +99,7 @@ class TreeMemory:
     interval: float = 0.2
     pss_every: int = 5  # PSS (smaps_rollup) costs more than RSS (statm): read it every 5th poll
     peak_rss: int = 0
+    peak_root_rss: int = 0  # the root process alone (a job's driver)
     peak_pss: int = 0
     peak_processes: int = 0
     samples: int = 0
@@ -108,6 +109,7 @@ class TreeMemory:
     machine_busy_seconds: float = 0.0  # CPU seconds all processes of the machine spent meanwhile
     wall_seconds: float = 0.0
     _names: dict = field(default_factory=dict)
+    names_seen: dict = field(default_factory=dict)  # pid -> every name it had (Ray actors rename themselves)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> "TreeMemory":
@@ -122,6 +124,10 @@ class TreeMemory:
         self._thread.join()
         self.machine_busy_seconds = _busy_seconds() - self._busy0
         self.wall_seconds = time.perf_counter() - self._started
+
+    def processes_named(self, word: str) -> int:
+        """How many distinct processes ever had ``word`` in their name (e.g. an actor class)."""
+        return sum(any(word in name for name in names) for names in self.names_seen.values())
 
     @property
     def tree_cpu_seconds(self) -> float:
@@ -159,11 +165,14 @@ class TreeMemory:
                     times = process.cpu_times()
                     self.cpu_by_pid[process.pid] = times.user + times.system
                     name = self._names.get(process.pid)
-                    if name is None or name.startswith("ray::IDLE") or (not name.startswith("ray::") and "worker" in name):
+                    if name is None or name.startswith("ray::") or "worker" in name:
                         name = self._names[process.pid] = _name(process)  # Ray workers rename themselves
+                        self.names_seen.setdefault(process.pid, set()).add(name)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
                 rss += info.rss
+                if process.pid == self.pid:
+                    self.peak_root_rss = max(self.peak_root_rss, info.rss)
                 pss += getattr(info, "pss", 0)
                 breakdown.append((name, info.rss, getattr(info, "pss", 0)))
             self.samples += 1
@@ -229,3 +238,53 @@ def _busy_seconds() -> float:
 
 def mib(n: int) -> float:
     return n / 2**20
+
+
+S3_REQUEST_LINE = re.compile(r'^SeaweedFS_s3_request_total\{(?P<labels>[^}]*)\} (?P<value>[\d.e+]+)$', re.M)
+
+
+def s3_request_counts(metrics_port: int) -> dict[str, int]:
+    """SeaweedFS's S3 requests so far by type (GET, PUT, LIST, COPY, DELETE, HEAD ...), all
+    buckets and status codes: the counter ``SeaweedFS_s3_request_total{bucket,code,type}``
+    of its Prometheus endpoint. Diff two readings to count what a job sent."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    counts: dict[str, int] = {}
+    for match in S3_REQUEST_LINE.finditer(text):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group("labels")))
+        kind = labels.get("type", "?")
+        counts[kind] = counts.get(kind, 0) + int(float(match.group("value")))
+    return counts
+
+
+def count_difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] != before.get(k, 0)}
+
+
+def _write_shard_range(out: str, first: int, count: int, per_shard: int, classes: int, size: int,
+                       prefix: str, seed: int) -> list[str]:
+    sys.path.insert(0, str(REPO))
+    from rayclust.synthetic import write_synthetic_shards
+
+    return write_synthetic_shards(out, count, per_shard, classes, size, prefix, seed, first)
+
+
+def write_shards_parallel(out: str, shards: int, per_shard: int, classes: int = 10, size: int = 32,
+                          prefix: str = "part", seed: int = 0, first: int = 0,
+                          workers: int | None = None) -> list[str]:
+    """``rayclust.synthetic.write_synthetic_shards`` split over processes (drawing and JPEG
+    encoding hold the GIL), in chunks of a few shards each; returns the URIs in order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or os.cpu_count() or 1
+    chunk = max(1, min(20, shards // (4 * workers)))
+    starts = range(first, first + shards, chunk)
+    # spawn: the parent may hold s3fs's event-loop thread, which a fork would copy half-alive
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = pool.map(_write_shard_range, *zip(*[
+            (out, start, min(chunk, first + shards - start), per_shard, classes, size, prefix, seed)
+            for start in starts]))
+        return [uri for part in parts for uri in part]
