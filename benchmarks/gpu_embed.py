@@ -16,7 +16,7 @@ Goal: >= 2,500 images/s per GPU after start-up (clip-retrieval reaches about 2,5
 ViT-B/32 on one A100), counting images, not views: with V augmented views each image is
 encoded 1 + V times.
 
-    python benchmarks/gpu_embed.py                                   # 50 x 1,000 images, views 1 and 2
+    python benchmarks/gpu_embed.py                                   # 50 x 1,000 images, views 0 and 2
     python benchmarks/gpu_embed.py --views 2 --batch-size 512
     python benchmarks/gpu_embed.py --allow-cpu --shards 1 --per-shard 16 --views 1 \\
         --encoder open_clip:rayclust-tiny-vit:none                  # dry run without a GPU
@@ -116,8 +116,8 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="embed --batch-size (default: %(default)s)")
-    parser.add_argument("--views", type=int, nargs="+", default=[1, 2],
-                        help="augmented views per image, one run each (default: %(default)s; the job takes >= 1)")
+    parser.add_argument("--views", type=int, nargs="+", default=[0, 2],
+                        help="augmented views per image, one run each (default: %(default)s)")
     parser.add_argument("--encoder", default="open_clip:ViT-B-32:none", help="encoder spec (default: %(default)s)")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU: a dry run of the harness")
     parser.add_argument("--echo", action="store_true", help="echo the job's output")

@@ -205,7 +205,9 @@ def test_embedding_a_shard_again_replaces_its_rows(embedded):
     before_features = read_table(embedded["lake"], "features").num_rows
     before_errors = read_table(embedded["lake"], "errors").num_rows
     mixed = str(Path(embedded["pattern"]).parent / f"{MIXED}.tar")
-    summary = embed(mixed, str(embedded["lake"]), TINY_ENCODER, views=2, batch_size=8)
+    again = embed(mixed, str(embedded["lake"]), TINY_ENCODER, views=2, batch_size=8)
+    assert (again.shards, again.skipped) == (0, 1), "the same shard, encoder and views: nothing to redo"
+    summary = embed(mixed, str(embedded["lake"]), TINY_ENCODER, views=2, batch_size=8, redo=True)
     assert summary.samples == len(embedded["good"])
     features = read_table(embedded["lake"], "features")
     assert features.num_rows == before_features
