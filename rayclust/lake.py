@@ -108,15 +108,18 @@ class Lake:
         return bool(self.newest_files(table))
 
     def newest_files(self, table: str) -> dict[str, str]:
-        """shard -> the path of its newest file in ``table`` (one listing of the table).
+        """shard -> the path of its newest file in ``table`` (one recursive listing of the table,
+        by pyarrow: no listing cache can hide another process's writes).
 
         A partition holds one file, or, for a moment during a publish (or after a crash in
         one), also an older one: the newest write id is the complete one.
         """
         by_shard: dict[str, list[str]] = defaultdict(list)
-        self.fs.invalidate_cache(self.path(table))  # other processes wrote it: never trust a cached listing
-        for path in self.fs.glob(self.path(table, "shard=*", "*.parquet")):
-            by_shard[path.rsplit("/", 2)[-2].split("=", 1)[1]].append(path)
+        selector = pafs.FileSelector(self.path(table), recursive=True, allow_not_found=True)
+        for info in self.arrow_fs.get_file_info(selector):
+            folder, name = info.path.rsplit("/", 2)[-2:]
+            if info.type == pafs.FileType.File and name.endswith(".parquet") and folder.startswith("shard="):
+                by_shard[folder.split("=", 1)[1]].append(info.path)
         return {shard: max(paths, key=lambda p: p.rsplit("/", 1)[-1]) for shard, paths in sorted(by_shard.items())}
 
     def partition_files(self, table: str, shard: str) -> list[str]:

@@ -3,8 +3,8 @@
 One local scenario runs once (module fixtures), on four 200-sample shards cut from real CIFAR-10
 shards (``part-000001`` also holds one sample without an image):
 1. embed ``part-000000`` and train a tiny model in-process (LATEST);
-2. ``jobs/refresh.py`` over parts 0-2 as a subprocess with its own Ray, SIGKILLed as soon as its
-   first features are published (before labels and manifest);
+2. ``jobs/refresh.py`` over parts 0-2 as a subprocess with its own Ray, SIGKILLed as soon as it
+   stages its first features (mid-write: shards it finished by then stay, the rest are redone);
 3. run again; while it holds the lock a third refresh starts and must be turned away;
 4. in-process refreshes: part-000003 new (the rest skipped), then nothing new, then changed.
 The lake is then copied to SeaweedFS, LATEST moves to a new model version, parts 2-3 are
@@ -62,10 +62,6 @@ def start_refresh(pattern: str, lake: str, log: Path) -> subprocess.Popen:
     return start_job(refresh_command(pattern, lake), log)
 
 
-def feature_files(lake: Path) -> set[Path]:
-    return set(lake.glob("features/shard=*/*.parquet"))
-
-
 def lock_pid(lake: Path) -> int | None:
     try:
         return json.loads((lake / "_lock").read_text())["pid"]
@@ -107,13 +103,14 @@ def trained_lake(ray_session, source, tmp_path_factory) -> Path:
 def crash_and_rerun(trained_lake, source) -> dict:
     lake, logs = trained_lake, trained_lake.parent
     pattern = str(source / "part-00000{0..2}.tar")
-    before = feature_files(lake)
+    staged = lambda: list(lake.glob("_staging/*/features/*/*.parquet"))  # noqa: E731
     first = start_refresh(pattern, str(lake), logs / "first.log")
     try:
-        wait_until(lambda: feature_files(lake) - before, first, logs / "first.log", "published features")
+        # the first staged piece: the pipeline is writing, and no shard can be complete yet
+        wait_until(staged, first, logs / "first.log", "staged features")
     finally:
         kill(first)
-    at_kill = {"published": feature_files(lake) - before,
+    at_kill = {"staged": staged(),
                "manifest": (lake / "manifest" / "manifest.parquet").exists(),
                "recorded": len(list((lake / "manifest").glob("*-part-*.parquet")))}
 
@@ -156,7 +153,8 @@ def refresh_with_new_copy(source: Path, lake: str):
 def test_killed_refresh_run_again_leaves_one_row_per_good_sample(crash_and_rerun):
     lake, at_kill = crash_and_rerun["lake"], crash_and_rerun["at_kill"]
     assert crash_and_rerun["first"].returncode == -signal.SIGKILL
-    assert at_kill["published"] and not at_kill["manifest"], "the kill was not mid-way"
+    assert at_kill["staged"] and not at_kill["manifest"], "the kill was not mid-way"
+    assert "refresh summary" not in (lake.parent / "first.log").read_text()
     assert crash_and_rerun["second"].returncode == 0, crash_and_rerun["second_log"]
     good = {name: (SAMPLES, SAMPLES) for name in SHARDS[:3]}
     assert count_by_shard(f"{lake}/features/*/*.parquet") == good
