@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mu
 from sklearn.preprocessing import normalize
 
 KMEANS = "k-means (clean features)"
+EVAL_ROWS = 50_000  # evaluation reads at most this many rows, whatever the size of the lake
 
 
 def cluster_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:

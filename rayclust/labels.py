@@ -26,20 +26,20 @@ from ray.data.datasource import FileBasedDatasource
 
 from rayclust.commit import CommitSummary, Output, commit_as_shards_finish, fingerprint_of, write_pieces
 from rayclust.errors import UserError
+from rayclust.evaluation import EVAL_ROWS, QualityReport, cluster_metrics, compare_with_kmeans
 from rayclust.features import labels_fingerprint
-from rayclust.evaluation import QualityReport, cluster_metrics, compare_with_kmeans
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, filesystem_for, list_to_numpy, new_write_id, read_sample
 from rayclust.lock import LakeLock
 from rayclust.models import is_image_model
 from rayclust.models.checkpoint import checkpoint_description, latest_model, load_model
 from rayclust.progress import Progress
 from rayclust.runtime import LABELER_CPUS, encoder_pool, init_ray, labeler_gpus, labeler_pool, require_shared
-from rayclust.shards import END_OF_SHARD, READ_CPUS, ROWS_PER_BLOCK, WHOLE_SHARD_KEY, expand_shards, read_shards, samples_of_tar, shard_name
+from rayclust.shards import (END_OF_SHARD, READ_CPUS, ROWS_PER_BLOCK, WHOLE_SHARD_KEY, expand_shards, read_shards,
+                             samples_of_tar, shard_name)
 from rayclust.stages import Stage, run
 from rayclust.views import clean_images
 
 LABEL_COLUMNS = ("key", "cluster", "confidence", "model_version", "labeled_at")
-EVAL_ROWS = 50_000
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
-from rayclust.evaluation import QualityReport, compare_with_kmeans
+from rayclust.evaluation import EVAL_ROWS, QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, model_config, pretrained_state
@@ -40,7 +40,6 @@ from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
 from rayclust.views import training_views
 
-EVAL_ROWS = 50_000
 MATERIALIZE_FRACTION = 0.25
 NEIGHBOUR_BLOCK = 10_000
 # A default batch too large for the table is lowered to give each epoch this many full steps:
