@@ -172,21 +172,23 @@ def fingerprint_of(path: str) -> str:
 
 
 def _publish_table(lake: Lake, write_id: str, shard: str, table: str, pieces: list[str], fingerprint: str) -> None:
-    fs, partition = lake.arrow_fs, lake.path(table, f"shard={shard}")
+    """Moves and deletes go through fsspec: pyarrow's S3 client leaves an empty ``shard=…/``
+    marker object behind a deleted file, which some readers then fail to open."""
+    fs, partition = lake.fs, lake.path(table, f"shard={shard}")
     published = f"{partition}/{file_name(write_id, fingerprint)}"
     if len(pieces) > 1:
         merged = lake.path(STAGING, write_id, table, f"shard={shard}.parquet")
-        write_parquet(lake, pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces]), merged)
+        write_parquet(lake, pa.concat_tables([pq.read_table(p, filesystem=lake.arrow_fs) for p in pieces]), merged)
         pieces = [merged, *pieces]
     if pieces:
         if lake.is_local:
-            fs.create_dir(partition)
-        fs.move(pieces[0], published)
+            fs.makedirs(partition, exist_ok=True)
+        fs.mv(pieces[0], published)
     for older in lake.partition_files(table, shard):
         if write_of(older) < write_id:
-            fs.delete_file(older)
+            fs.rm_file(older)
     for piece in pieces[1:]:
-        fs.delete_file(piece)
+        fs.rm_file(piece)
 
 
 class IncompleteShard(Exception):
