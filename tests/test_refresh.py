@@ -177,8 +177,15 @@ def test_rerun_took_over_the_killed_runs_lock_and_recorded_every_shard(crash_and
         (SHARDS[0], SAMPLES, 0), (SHARDS[1], SAMPLES, 1), (SHARDS[2], SAMPLES, 0)]
     assert {m["model_version"] for m in manifest} == {"tiny/epoch-1"}
     assert all(m["size"] > 0 and m["mtime"] is not None and m["etag"] is None for m in manifest)
-    left = 3 - crash_and_rerun["at_kill"]["recorded"]  # shards the killed run had finished are not redone
-    assert re.search(r"shards seen +3\n", log) and re.search(rf"samples labelled +{left * SAMPLES} ", log), log
+    # the shards the killed run had finished are not redone: recorded in the manifest, or adopted
+    # (published, but killed before its manifest row)
+    adopted = int(re.search(r"adopted +(\d+) ", log).group(1))
+    left = 3 - crash_and_rerun["at_kill"]["recorded"] - adopted
+    assert re.search(r"shards seen +3\n", log) and rerun_labelled(crash_and_rerun) == left * SAMPLES, log
+
+
+def rerun_labelled(crash_and_rerun: dict) -> int:
+    return int(re.search(r"samples labelled +(\d+) ", crash_and_rerun["second_log"]).group(1))
 
 
 def test_a_second_refresh_while_one_runs_exits_with_one_line(crash_and_rerun):
@@ -205,10 +212,13 @@ def test_refresh_with_nothing_new_does_no_work(incremental):
     assert "nothing new was labelled" in str(nothing)
 
 
-def test_drift_is_judged_against_the_models_earlier_labels(incremental):
+def test_drift_is_judged_against_the_models_earlier_labels(incremental, crash_and_rerun):
     drift = incremental["one_new"].drift
     assert drift.judged, str(drift)
-    assert drift.baseline.samples == 3 * SAMPLES and drift.new.samples == SAMPLES
+    # the baseline is kept from the first refresh that had labels of this model outside its new
+    # shards: the rerun's, if the killed run had finished a shard, else this one's (parts 0-2)
+    outside_rerun = 3 * SAMPLES - rerun_labelled(crash_and_rerun)
+    assert drift.baseline.samples == (outside_rerun or 3 * SAMPLES) and drift.new.samples == SAMPLES
     assert drift.baseline.model_version == "tiny/epoch-1"
     assert 0.0 <= drift.cluster_shift <= 1.0 and abs(sum(drift.new.cluster_fractions) - 1) < 1e-5
     assert "drift:" in str(incremental["one_new"]) and "cluster sizes" in str(drift)
