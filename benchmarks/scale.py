@@ -153,17 +153,19 @@ def run_job(job: str, command: list[str], lake: str, shards: int, metrics_port: 
 
 
 def seed_manifest(lake_uri: str, pattern: str) -> None:
-    """Record the original shards in the manifest, as an earlier refresh would have."""
-    from rayclust.labels import latest_model
-    from rayclust.lake import Lake
-    from rayclust.manifest import list_source, manifest_entry, write_manifest
+    """Record the original shards in the manifest, as an earlier refresh would have (the first
+    refresh after embed and infer would adopt them, reading their footers: a one-off cost)."""
+    from rayclust.lake import Lake, new_write_id
+    from rayclust.manifest import compact_manifest, list_source, manifest_entry, record_shards
+    from rayclust.models.checkpoint import latest_model
     from rayclust.refresh import feature_settings
 
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
     encoder, _ = feature_settings(lake, latest)
-    write_manifest(lake, {s.name: manifest_entry(s, 0, 0, encoder, latest["model_version"])
-                          for s in list_source(pattern)})
+    record_shards(lake, new_write_id(), [manifest_entry(s, 0, 0, encoder, latest["model_version"])
+                                         for s in list_source(pattern)])
+    compact_manifest(lake)
 
 
 def pattern(raw: str, first: int, count: int) -> str:
