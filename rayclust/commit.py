@@ -227,8 +227,9 @@ def commit_as_shards_finish(records: ray.data.Dataset, lake: Lake, write_id: str
     """
     summary, waiting, in_flight = CommitSummary(), {}, {}
 
-    def settle(block: bool) -> None:
-        ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight) if block else 1, timeout=None if block else 0)
+    def settle(wait: bool) -> None:
+        """Take the publications that have finished; ``wait``: block until at least one has."""
+        ready, _ = ray.wait(list(in_flight), num_returns=1 if wait else len(in_flight), timeout=None if wait else 0)
         for ref in ready:
             shard, pieces = in_flight.pop(ref)
             try:
@@ -253,10 +254,12 @@ def commit_as_shards_finish(records: ray.data.Dataset, lake: Lake, write_id: str
             ref = publish_remotely.remote(lake, write_id, shard, pieces.pieces, dict(pieces.rows), tables,
                                           (fingerprints or {}).get(shard))
             in_flight[ref] = (shard, pieces)
-        while in_flight and (len(in_flight) >= PUBLISHERS_IN_FLIGHT or ray.wait(list(in_flight), timeout=0)[0]):
-            settle(block=False)
-    if in_flight:
-        settle(block=True)
+        while len(in_flight) >= PUBLISHERS_IN_FLIGHT:
+            settle(wait=True)
+        if in_flight:
+            settle(wait=False)
+    while in_flight:
+        settle(wait=True)
     for shard, pieces in waiting.items():
         summary.failures[shard] = (f"incomplete: {pieces.counted(primary)} rows staged of "
                                    f"{pieces.expected if pieces.expected is not None else 'an unknown number'}")
