@@ -31,7 +31,7 @@ from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id
 from rayclust.lock import LakeLock
 from rayclust.manifest import SourceShard, list_source
 from rayclust.progress import Progress
-from rayclust.runtime import DECODE_CPUS, cluster_gpus, encoder_pool, init_ray, require_shared
+from rayclust.runtime import DECODE_CPUS, WRITE_CPUS, cluster_gpus, encoder_pool, init_ray, require_shared
 from rayclust.shards import ROWS_PER_BLOCK, read_shards
 from rayclust.stages import Stage, run
 
@@ -209,7 +209,7 @@ def embed_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], encoder: s
     model ``labelled_by``) over ``todo`` and publish each shard's files as soon as it is complete."""
     fingerprints = {s.name: shard_fingerprints(s, encoder, views, write_id, labelled_by) for s in todo}
     tables = (Output(FEATURES, FEATURE_COLUMNS), *outputs)
-    writer = Stage(write_pieces, num_cpus=0.25,
+    writer = Stage(write_pieces, num_cpus=WRITE_CPUS,
                    kwargs={"lake": lake, "write_id": write_id, "outputs": tables, "stage": "embed"})
     records = run(read_shards([s.uri for s in todo]), *embedding_stages(encoder, views, batch_size), *extra, writer)
     return commit_as_shards_finish(records, lake, write_id, tuple(t.table for t in tables) + (ERRORS,), FEATURES,

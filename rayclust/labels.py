@@ -33,7 +33,8 @@ from rayclust.lock import LakeLock
 from rayclust.models import is_image_model
 from rayclust.models.checkpoint import checkpoint_description, latest_model, load_model
 from rayclust.progress import Progress
-from rayclust.runtime import LABELER_CPUS, encoder_pool, init_ray, labeler_gpus, labeler_pool, require_shared
+from rayclust.runtime import (LABELER_CPUS, WRITE_CPUS, encoder_pool, init_ray, labeler_gpus, labeler_pool,
+                              require_shared)
 from rayclust.shards import (END_OF_SHARD, READ_CPUS, ROWS_PER_BLOCK, WHOLE_SHARD_KEY, expand_shards, read_shards,
                              samples_of_tar, shard_name)
 from rayclust.stages import Stage, run
@@ -166,7 +167,7 @@ def label_shards(lake: Lake, lock: LakeLock, latest: dict, files: list[str], bat
                  fingerprints: dict[str, dict[str, str]]) -> CommitSummary:
     rows = ray.data.read_datasource(FeatureFileReader(files, ["key", "embedding"], filesystem=lake.arrow_fs),
                                     num_cpus=READ_CPUS)
-    writer = Stage(write_pieces, num_cpus=0.25, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
+    writer = Stage(write_pieces, num_cpus=WRITE_CPUS, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
                                                         "outputs": (Output(LABELS, LABEL_COLUMNS),)})
     records = run(rows, labeler_stage(lake, latest, batch_size), writer)
     return commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS, Progress("infer", len(files)),
@@ -222,7 +223,7 @@ def infer_images(lake: Lake, latest: dict, description: dict, batch_size: int, e
     with LakeLock(lake, "infer") as lock:
         started, write_id = time.time(), new_write_id()
         lake.discard_staging(keep=write_id)
-        writer = Stage(write_pieces, num_cpus=0.25, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
+        writer = Stage(write_pieces, num_cpus=WRITE_CPUS, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
                                                             "outputs": (Output(LABELS, LABEL_COLUMNS),)})
         records = run(read_shards(uris),
                       Stage(clean_images, batch_size=ROWS_PER_BLOCK,

@@ -10,6 +10,7 @@ from rayclust.errors import UserError
 
 LABELER_GPU_SHARE = 0.25  # a small MLP: four labelers share a GPU
 LABELER_CPUS = 0.25
+WRITE_CPUS = 0.25  # staging pieces waits on the store
 DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per core keep it busy
 
 
