@@ -9,7 +9,7 @@ Layout (the contract is docs/lake.md)::
     LAKE/models/<run>/checkpoint_*/                 Ray Train checkpoints
     LAKE/models/LATEST                              JSON pointer to the newest finished model
     LAKE/_staging/<write-id>/                       a job's files before they are published
-    LAKE/_lock                                      who is refreshing the lake (rayclust/lock.py)
+    LAKE/_lock                                      which job is writing the lake (rayclust/lock.py)
 
 A job stages pieces under ``_staging/<write-id>/`` and publishes each shard as soon as it is
 complete: one file per shard and table, moved into place, then the shard's older files deleted
@@ -58,8 +58,8 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    """pyarrow's own filesystem for the same store: Parquet reads and writes, moves and deletes
-    in C++ (the native S3 client, configured from the same AWS environment as s3fs)."""
+    """pyarrow's own filesystem for the same store, for Parquet reads and writes and listings
+    (the native S3 client, configured from the same AWS environment as s3fs)."""
     if is_local(fs):
         return pafs.LocalFileSystem()
     if "s3" in fs.protocol:
