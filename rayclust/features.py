@@ -174,9 +174,9 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
     check_embed_settings(encoder, views)
     source = list_source(shards)
     lake = Lake.open(lake_uri, create=True)
-    init_ray()
-    require_shared(lake.uri, "lake")
-    with LakeLock(lake, "embed") as lock:
+    with LakeLock(lake, "embed") as lock:  # taken before Ray starts: a refused job costs seconds
+        init_ray()
+        require_shared(lake.uri, "lake")
         return embed_locked(lake, lock, source, encoder, views, batch_size, redo)
 
 

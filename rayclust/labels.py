@@ -138,9 +138,9 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     features = lake.newest_files(FEATURES)
     if not features:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
-    init_ray()
-    require_shared(lake.uri, "lake")
     with LakeLock(lake, "infer") as lock:
+        init_ray()
+        require_shared(lake.uri, "lake")
         summary = infer_locked(lake, lock, latest, features, batch_size, redo)
     print(summary, flush=True)
     report = evaluate_labels(lake, latest["clusters"]) if evaluate else None
@@ -218,9 +218,9 @@ def infer_images(lake: Lake, latest: dict, description: dict, batch_size: int, e
     same decoding as the embed stage's, so they list the same bad samples.
     """
     uris = expand_shards(description["shards"])
-    init_ray()
-    require_shared(lake.uri, "lake")
     with LakeLock(lake, "infer") as lock:
+        init_ray()
+        require_shared(lake.uri, "lake")
         started, write_id = time.time(), new_write_id()
         lake.discard_staging(keep=write_id)
         writer = Stage(write_pieces, num_cpus=WRITE_CPUS, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",

@@ -106,9 +106,9 @@ def refresh(settings: RefreshSettings) -> RefreshReport:
     source = list_source(settings.shards)
     lake = Lake.open(settings.lake)
     latest = latest_model(lake)
-    init_ray()
-    require_shared(lake.uri, "lake")
-    with LakeLock(lake, "refresh", settings.lock_ttl_s) as lock:
+    with LakeLock(lake, "refresh", settings.lock_ttl_s) as lock:  # before Ray: a refused job costs seconds
+        init_ray()
+        require_shared(lake.uri, "lake")
         if lock.took_over:
             print(f"took over the stale lock of {lock.took_over.describe()}", flush=True)
         report = refresh_locked(lake, lock, source, latest, settings)
