@@ -12,12 +12,18 @@ LABELER_GPU_SHARE = 0.25  # a small MLP: four labelers share a GPU
 LABELER_CPUS = 0.25
 WRITE_CPUS = 0.25  # staging pieces waits on the store
 DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per core keep it busy
+# Ray kills idle workers beyond one per CPU after 1 s. The fractional-CPU stages above keep more
+# workers than CPUs busy in turns, so each pause killed one and the next task started a new one
+# (importing torch, ~3 s of CPU): embed of 100 shards spent 105 of its CPU-seconds on that.
+WORKER_IDLE_KILL_MS = "60000"
 
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray."""
     if ray.is_initialized():
         return
+    # read by the raylet a local Ray starts here; a cluster's nodes get it from `ray start`'s environment
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", WORKER_IDLE_KILL_MS)
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
 
 

@@ -106,11 +106,12 @@ def crash_and_rerun(trained_lake, source) -> dict:
     staged = lambda: list(lake.glob("_staging/*/features/*/*.parquet"))  # noqa: E731
     first = start_refresh(pattern, str(lake), logs / "first.log")
     try:
-        # the first staged piece: the pipeline is writing, and no shard can be complete yet
-        wait_until(staged, first, logs / "first.log", "staged features")
+        # the first staged piece: the pipeline is writing. It may be published (moved) before the
+        # kill lands, so the piece seen is what proves the kill came mid-way.
+        seen_staged = wait_until(staged, first, logs / "first.log", "staged features")
     finally:
         kill(first)
-    at_kill = {"staged": staged(),
+    at_kill = {"staged": seen_staged,
                "manifest": (lake / "manifest" / "manifest.parquet").exists(),
                "recorded": len(list((lake / "manifest").glob("*-part-*.parquet")))}
 
