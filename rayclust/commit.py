@@ -161,6 +161,11 @@ def file_name(write_id: str, fingerprint: str) -> str:
     return f"{write_id}_{fingerprint}.parquet" if fingerprint else f"{write_id}.parquet"
 
 
+def published_path(lake: Lake, table: str, shard: str, write_id: str, fingerprint: str) -> str:
+    """Where a write publishes a shard's file of ``table``: a job knows its own files without listing."""
+    return lake.path(table, f"shard={shard}", file_name(write_id, fingerprint))
+
+
 def write_of(path: str) -> str:
     """The write id in a published file's name."""
     return path.rsplit("/", 1)[-1].removesuffix(".parquet").split("_", 1)[0]
@@ -175,7 +180,7 @@ def _publish_table(lake: Lake, write_id: str, shard: str, table: str, pieces: li
     """Moves and deletes go through fsspec: pyarrow's S3 client leaves an empty ``shard=…/``
     marker object behind a deleted file, which some readers then fail to open."""
     fs, partition = lake.fs, lake.path(table, f"shard={shard}")
-    published = f"{partition}/{file_name(write_id, fingerprint)}"
+    published = published_path(lake, table, shard, write_id, fingerprint)
     if len(pieces) > 1:
         merged = lake.path(STAGING, write_id, table, f"shard={shard}.parquet")
         write_parquet(lake, pa.concat_tables([pq.read_table(p, filesystem=lake.arrow_fs) for p in pieces]), merged)
@@ -205,8 +210,10 @@ class CommitSummary:
     bad: int = 0
     reasons: Counter = field(default_factory=Counter)
     failures: dict[str, str] = field(default_factory=dict)
+    published: list[str] = field(default_factory=list)  # shard names, as they were published
 
     def add(self, result: ShardResult) -> None:
+        self.published.append(result.shard)
         self.shards += 1
         self.rows += result.rows
         self.bad += result.bad

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayclust.lake import LABELS, MANIFEST, Lake
+from rayclust.lake import MANIFEST, Lake
 
 BASELINE_FILE = "_drift_baseline.json"  # "_": Spark skips it when reading manifest/
 MIN_SAMPLES = 100
@@ -35,11 +35,10 @@ class LabelStats:
     cluster_fractions: list[float]
 
 
-def label_stats(lake: Lake, model_version: str, clusters: int, shards: list[str],
+def label_stats(lake: Lake, files: dict[str, str], model_version: str, clusters: int, shards: list[str],
                 exclude: bool = False) -> LabelStats | None:
     """Statistics of ``model_version``'s labels in ``shards`` (or, with ``exclude``, all but those),
-    from at most SAMPLE_SHARDS of them."""
-    files = lake.newest_files(LABELS)
+    from at most SAMPLE_SHARDS of them; ``files`` are the label files, shard -> path."""
     chosen = set(shards)
     names = sorted(set(files) - chosen) if exclude else sorted(chosen & set(files))
     names = random.Random(0).sample(names, min(len(names), SAMPLE_SHARDS))
@@ -55,12 +54,13 @@ def label_stats(lake: Lake, model_version: str, clusters: int, shards: list[str]
                       (sizes / sizes.sum()).round(6).tolist())
 
 
-def baseline(lake: Lake, latest: dict, new_shards: list[str]) -> LabelStats | None:
-    """The model's label statistics outside ``new_shards``: cached per model version."""
+def baseline(lake: Lake, files: dict[str, str], latest: dict, new_shards: list[str]) -> LabelStats | None:
+    """The model's label statistics outside ``new_shards`` (label files: shard -> path), cached
+    per model version."""
     cached = lake.read_json(MANIFEST, BASELINE_FILE)
     if cached and cached["model_version"] == latest["model_version"]:
         return LabelStats(**cached)
-    stats = label_stats(lake, latest["model_version"], latest["clusters"], new_shards, exclude=True)
+    stats = label_stats(lake, files, latest["model_version"], latest["clusters"], new_shards, exclude=True)
     if stats is not None:
         lake.write_json(asdict(stats), MANIFEST, BASELINE_FILE)
     return stats

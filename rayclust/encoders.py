@@ -139,6 +139,13 @@ def load_encoder(spec: str, device: str = "cpu") -> Encoder:
         return Encoder(spec, model, lambda x: model.extract_features(x).mean((2, 3)), dim=1280)
     import open_clip
 
-    pretrained = None if parsed.pretrained == "none" else parsed.pretrained
-    model = open_clip.create_model(parsed.model, pretrained=pretrained).to(device).eval()
+    if parsed.pretrained == "none":
+        # the same random weights in every process: embed and a later refresh must map an image
+        # to the same feature, or the model trained on the first labels the second at random
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = open_clip.create_model(parsed.model, pretrained=None)
+    else:
+        model = open_clip.create_model(parsed.model, pretrained=parsed.pretrained)
+    model = model.to(device).eval()
     return Encoder(spec, model, model.encode_image, dim=open_clip.get_model_config(parsed.model)["embed_dim"])

@@ -24,7 +24,8 @@ import ray
 import torch
 from ray.data.datasource import FileBasedDatasource
 
-from rayclust.commit import CommitSummary, Output, commit_as_shards_finish, fingerprint_of, write_pieces
+from rayclust.commit import (CommitSummary, Output, commit_as_shards_finish, fingerprint_of, published_path,
+                             write_pieces)
 from rayclust.errors import UserError
 from rayclust.evaluation import EVAL_ROWS, QualityReport, cluster_metrics, compare_with_kmeans
 from rayclust.features import labels_fingerprint
@@ -141,26 +142,30 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     with LakeLock(lake, "infer") as lock:
         init_ray()
         require_shared(lake.uri, "lake")
-        summary = infer_locked(lake, lock, latest, features, batch_size, redo)
+        summary, label_files = infer_locked(lake, lock, latest, features, batch_size, redo)
     print(summary, flush=True)
-    report = evaluate_labels(lake, latest["clusters"]) if evaluate else None
+    report = evaluate_labels(lake, latest["clusters"], features, label_files) if evaluate else None
     if report:
         print(report, flush=True)
     return summary
 
 
 def infer_locked(lake: Lake, lock: LakeLock, latest: dict, features: dict[str, str], batch_size: int,
-                 redo: bool) -> InferSummary:
+                 redo: bool) -> tuple[InferSummary, dict[str, str]]:
+    """The summary, and each shard's label file after the run (shard -> path)."""
     started, write_id = time.time(), new_write_id()
     lake.discard_staging(keep=write_id)
     fingerprints = {s: {LABELS: labels_fingerprint(latest["model_version"], path)} for s, path in features.items()}
-    labelled = {} if redo else {s: fingerprint_of(p) for s, p in lake.newest_files(LABELS).items()}
+    label_files = lake.newest_files(LABELS)
+    labelled = {} if redo else {s: fingerprint_of(p) for s, p in label_files.items()}
     todo = [s for s in features if labelled.get(s) != fingerprints[s][LABELS]]
     print(f"infer {len(features)} shards of {lake.uri} with {latest['model_version']}: {len(todo)} to label", flush=True)
     committed = label_shards(lake, lock, latest, [features[s] for s in todo], batch_size, write_id,
                              fingerprints) if todo else CommitSummary()
+    label_files.update({s: published_path(lake, LABELS, s, write_id, fingerprints[s][LABELS])
+                        for s in committed.published})
     return InferSummary(latest["model_version"], committed.shards, committed.rows, time.time() - started,
-                        len(features) - len(todo), committed.failures)
+                        len(features) - len(todo), committed.failures), label_files
 
 
 def label_shards(lake: Lake, lock: LakeLock, latest: dict, files: list[str], batch_size: int, write_id: str,
@@ -174,14 +179,14 @@ def label_shards(lake: Lake, lock: LakeLock, latest: dict, files: list[str], bat
                                    fingerprints, before_publish=lock.check)
 
 
-def evaluate_labels(lake: Lake, clusters: int) -> QualityReport | None:
-    """ACC/NMI/ARI of the written labels beside k-means, on the first EVAL_ROWS labelled features
-    (read file by file: the same cost for any size of lake)."""
-    truth = read_sample(lake, FEATURES, ["key", "label", "embedding"], EVAL_ROWS, with_shard=True)
+def evaluate_labels(lake: Lake, clusters: int, features: dict[str, str],
+                    label_files: dict[str, str]) -> QualityReport | None:
+    """ACC/NMI/ARI of the labels beside k-means, on the first EVAL_ROWS labelled rows of the
+    feature files (read file by file: the same cost for any size of lake); files are shard -> path."""
+    truth = read_sample(lake, features, ["key", "label", "embedding"], EVAL_ROWS, with_shard=True)
     truth = truth.filter(pc.is_valid(truth.column("label")))
     if truth.num_rows == 0:
         return None
-    label_files = lake.newest_files(LABELS)
     shards = [s for s in pc.unique(truth.column("shard")).to_pylist() if s in label_files]
     labels = pa.concat_tables([pq.read_table(label_files[s], columns=["key", "cluster"], filesystem=lake.arrow_fs)
                                for s in shards]) if shards else None

@@ -104,23 +104,25 @@ class Lake:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def has_table(self, table: str) -> bool:
-        return bool(self.newest_files(table))
-
-    def newest_files(self, table: str) -> dict[str, str]:
-        """shard -> the path of its newest file in ``table`` (one recursive listing of the table,
-        by pyarrow: no listing cache can hide another process's writes).
+    def list_table(self, table: str) -> dict[str, pafs.FileInfo]:
+        """shard -> its newest file in ``table`` (path and size): one recursive listing of the
+        table, by pyarrow, so no listing cache can hide another process's writes. A job lists
+        each table once and passes what it found along.
 
         A partition holds one file, or, for a moment during a publish (or after a crash in
         one), also an older one: the newest write id is the complete one.
         """
-        by_shard: dict[str, list[str]] = defaultdict(list)
+        by_shard: dict[str, list[pafs.FileInfo]] = defaultdict(list)
         selector = pafs.FileSelector(self.path(table), recursive=True, allow_not_found=True)
         for info in self.arrow_fs.get_file_info(selector):
             folder, name = info.path.rsplit("/", 2)[-2:]
             if info.type == pafs.FileType.File and name.endswith(".parquet") and folder.startswith("shard="):
-                by_shard[folder.split("=", 1)[1]].append(info.path)
-        return {shard: max(paths, key=lambda p: p.rsplit("/", 1)[-1]) for shard, paths in sorted(by_shard.items())}
+                by_shard[folder.split("=", 1)[1]].append(info)
+        return {shard: max(infos, key=lambda i: i.base_name) for shard, infos in sorted(by_shard.items())}
+
+    def newest_files(self, table: str) -> dict[str, str]:
+        """shard -> the path of its newest file in ``table`` (``list_table``)."""
+        return {shard: info.path for shard, info in self.list_table(table).items()}
 
     def partition_files(self, table: str, shard: str) -> list[str]:
         """The files of one shard's partition, listed with pyarrow (workers use this)."""
@@ -182,11 +184,13 @@ def list_to_numpy(column: pa.ChunkedArray | pa.Array, *inner: int) -> np.ndarray
     return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), *inner)
 
 
-def read_sample(lake: Lake, table: str, columns: list[str], max_rows: int, with_shard: bool = False) -> pa.Table:
-    """The first ``max_rows`` rows of a table, read on the driver (for evaluation and schemas):
-    file after file until there are enough, so it costs the same for any size of table."""
+def read_sample(lake: Lake, files: dict[str, str], columns: list[str], max_rows: int,
+                with_shard: bool = False) -> pa.Table:
+    """The first ``max_rows`` rows of a table whose files (shard -> path) were listed, read on the
+    driver (for evaluation and schemas): file after file until there are enough, so it costs the
+    same for any size of table."""
     pieces, rows = [], 0
-    for shard, path in lake.newest_files(table).items():
+    for shard, path in files.items():
         piece = pq.read_table(path, columns=columns, filesystem=lake.arrow_fs)
         if with_shard:
             piece = piece.append_column("shard", pa.array([shard] * piece.num_rows, pa.string()))

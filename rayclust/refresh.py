@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from rayclust.commit import Output, ShardResult, fingerprint_of
+from rayclust.commit import Output, ShardResult, fingerprint_of, published_path
 from rayclust.drift import Drift, baseline, label_stats
 from rayclust.errors import UserError
-from rayclust.features import embed_shards, labels_fingerprint, source_fingerprint
+from rayclust.features import embed_shards, labels_fingerprint, shard_fingerprints, source_fingerprint
 from rayclust.labels import LABEL_COLUMNS, labeler_stage
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id, read_sample
 from rayclust.lock import DEFAULT_TTL_S, LakeLock
@@ -87,9 +87,9 @@ class RefreshReport:
         return "\n".join(lines)
 
 
-def feature_settings(lake: Lake, latest: dict) -> tuple[str, int]:
-    """(encoder spec, augmented views) of the feature table: new shards must match it."""
-    row = read_sample(lake, FEATURES, ["encoder", "views"], 1)
+def feature_settings(lake: Lake, features: dict[str, str], latest: dict) -> tuple[str, int]:
+    """(encoder spec, augmented views) of the feature table (shard -> file): new shards must match it."""
+    row = read_sample(lake, features, ["encoder", "views"], 1)
     if row.num_rows == 0:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py and jobs/train.py first")
     encoder, views = row.column("encoder")[0].as_py(), len(row.column("views")[0])
@@ -122,8 +122,10 @@ def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest
     lake.discard_staging(keep=write_id)
     compact_manifest(lake)  # what a crashed run recorded shard by shard
     plan = plan_refresh(source, read_manifest(lake))
-    encoder, views = feature_settings(lake, latest) if plan.todo else ("", 0)
-    adopted = adopt_done_shards(lake, plan.new, encoder, views, latest, write_id)
+    # this job's one listing of each table: what it publishes, it knows without listing again
+    features, labels = (lake.newest_files(FEATURES), lake.newest_files(LABELS)) if plan.todo else ({}, {})
+    encoder, views = feature_settings(lake, features, latest) if plan.todo else ("", 0)
+    adopted = adopt_done_shards(lake, plan.new, encoder, views, latest, write_id, features, labels)
     pending = [s for s in plan.todo if s.name not in adopted]
     todo = pending[:settings.max_shards]
     report = RefreshReport(latest["model_version"], len(source), len(plan.new), len(plan.changed),
@@ -131,18 +133,17 @@ def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest
     print(f"refresh {lake.uri}: {len(source)} shards, {len(todo)} to process "
           f"({report.new} new, {report.changed} changed, {report.adopted} adopted, {report.deferred} deferred)",
           flush=True)
-    done = process_shards(lake, lock, todo, latest, report, settings, write_id, encoder, views) if todo else []
+    done = process_shards(lake, lock, todo, latest, report, settings, write_id, encoder, views) if todo else {}
     compact_manifest(lake)
-    report.drift = drift_of(lake, latest, done, settings)
+    report.drift = drift_of(lake, {**labels, **done}, latest, list(done), settings)
     return report
 
 
 def adopt_done_shards(lake: Lake, new: list[SourceShard], encoder: str, views: int, latest: dict,
-                      write_id: str) -> set[str]:
+                      write_id: str, features: dict[str, str], labels: dict[str, str]) -> set[str]:
     """Record, without redoing them, the new shards whose features were made from the same file
     with the table's encoder and views and whose labels come from LATEST on those features (the
     usual start: embed, train, infer, then the first scheduled refresh)."""
-    features, labels = lake.newest_files(FEATURES), lake.newest_files(LABELS)
     done = [s for s in new if s.name in features and s.name in labels
             and fingerprint_of(features[s.name]) == source_fingerprint(s, encoder, views)
             and fingerprint_of(labels[s.name]) == labels_fingerprint(latest["model_version"], features[s.name])]
@@ -162,16 +163,19 @@ def footer_rows(lake: Lake, path: str) -> int:
 
 
 def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, report: RefreshReport,
-                   settings: RefreshSettings, write_id: str, encoder: str, views: int) -> list[str]:
-    """One pipeline over ``todo``; each shard's manifest row is written once it is published."""
+                   settings: RefreshSettings, write_id: str, encoder: str, views: int) -> dict[str, str]:
+    """One pipeline over ``todo``; each shard's manifest row is written once it is published.
+    Returns the label file of each shard done (shard -> path)."""
     by_name = {s.name: s for s in todo}
-    done: list[str] = []
+    done: dict[str, str] = {}
 
     def record(result: ShardResult) -> None:
         lock.check()
-        record_shards(lake, write_id, [manifest_entry(by_name[result.shard], result.rows, result.bad, encoder,
+        shard = by_name[result.shard]
+        record_shards(lake, write_id, [manifest_entry(shard, result.rows, result.bad, encoder,
                                                       latest["model_version"])])
-        done.append(result.shard)
+        labels = shard_fingerprints(shard, encoder, views, write_id, latest["model_version"])[LABELS]
+        done[result.shard] = published_path(lake, LABELS, result.shard, write_id, labels)
 
     committed = embed_shards(lake, lock, todo, encoder, views, settings.batch_size, write_id,
                              extra=(labeler_stage(lake, latest, settings.infer_batch_size),),
@@ -181,7 +185,9 @@ def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: 
     return done
 
 
-def drift_of(lake: Lake, latest: dict, shards: list[str], settings: RefreshSettings) -> Drift:
-    new = label_stats(lake, latest["model_version"], latest["clusters"], shards) if shards else None
-    reference = baseline(lake, latest, shards) if new else None
+def drift_of(lake: Lake, label_files: dict[str, str], latest: dict, shards: list[str],
+             settings: RefreshSettings) -> Drift:
+    """The new shards' labels against the model's baseline; ``label_files`` as after this run."""
+    new = label_stats(lake, label_files, latest["model_version"], latest["clusters"], shards) if shards else None
+    reference = baseline(lake, label_files, latest, shards) if new else None
     return Drift(reference, new, settings.max_confidence_drop, settings.max_cluster_shift)

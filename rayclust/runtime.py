@@ -22,9 +22,14 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray."""
     if ray.is_initialized():
         return
-    # read by the raylet a local Ray starts here; a cluster's nodes get it from `ray start`'s environment
-    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", WORKER_IDLE_KILL_MS)
+    keep_idle_workers()
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+
+
+def keep_idle_workers() -> None:
+    """Set before a local Ray starts (its raylet reads it); a cluster's nodes get it from the
+    environment of `ray start` (cluster-configs/)."""
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", WORKER_IDLE_KILL_MS)
 
 
 def cluster_cpus() -> float:

@@ -16,7 +16,6 @@ import braceexpand
 import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
-from webdataset.tariterators import group_by_keys
 
 from rayclust.errors import UserError
 from rayclust.lake import filesystem_for, to_pyarrow
@@ -102,6 +101,8 @@ class SampleReader(FileBasedDatasource):
 
 def samples_of_tar(stream, path: str) -> Iterator[dict]:
     """Rows for each sample of one tar stream, then one error row if the tar is damaged."""
+    from webdataset.tariterators import group_by_keys  # here: webdataset imports torch, which publishers never need
+
     shard = shard_name(path)
     damage: list[str] = []
 

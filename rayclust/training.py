@@ -92,15 +92,34 @@ def plan_workers(requested: int | None) -> WorkerPlan:
     return WorkerPlan(workers, False, round(min(spare / workers, spare, largest_node_cpus()), 2))
 
 
-def feature_shape(lake: Lake) -> tuple[int, int]:
-    """(feature dim D, augmented views V) of the feature table."""
-    row = read_sample(lake, FEATURES, ["embedding", "views"], 1)
-    return len(row.column("embedding")[0]), len(row.column("views")[0])
+@dataclass(frozen=True)
+class FeatureTable:
+    """What training needs to know of the feature table, from one listing and one row."""
+
+    files: dict[str, str]  # shard -> path
+    bytes: int
+    dim: int
+    views: int
+    encoder: str
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.files.values())
 
 
-def count_rows(lake: Lake, table: str) -> int:
-    """The table's rows, from the Parquet footers alone (no column is read)."""
-    return pads.dataset(lake.path(table), filesystem=lake.arrow_fs, format="parquet").count_rows()
+def feature_table(lake: Lake) -> FeatureTable:
+    listed = lake.list_table(FEATURES)
+    if not listed:
+        raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
+    files = {shard: info.path for shard, info in listed.items()}
+    row = read_sample(lake, files, ["embedding", "views", "encoder"], 1)
+    return FeatureTable(files, sum(info.size for info in listed.values()), len(row.column("embedding")[0]),
+                        len(row.column("views")[0]), row.column("encoder")[0].as_py())
+
+
+def count_rows(lake: Lake, paths: list[str]) -> int:
+    """The rows of these Parquet files, from their footers alone (no column is read)."""
+    return pads.dataset(paths, filesystem=lake.arrow_fs, format="parquet").count_rows()
 
 
 def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clusters: int) -> int:
@@ -157,7 +176,7 @@ def nearest_rows(features: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
     return np.concatenate([torch.cat(nearest).numpy(), itself], axis=1)
 
 
-def training_dataset(lake: Lake, neighbours: int) -> ray.data.Dataset:
+def training_dataset(lake: Lake, table: FeatureTable, neighbours: int) -> ray.data.Dataset:
     """The feature table as training pairs, streamed from Parquet.
 
     Neighbours are mined within blocks of NEIGHBOUR_BLOCK rows, so the cost stays linear in the
@@ -166,14 +185,14 @@ def training_dataset(lake: Lake, neighbours: int) -> ray.data.Dataset:
     store (Ray spills it to disk under pressure; no worker holds the whole table either way).
     """
     dataset = (
-        ray.data.read_parquet(lake.path(FEATURES), filesystem=lake.arrow_fs)
+        ray.data.read_parquet(table.paths, filesystem=lake.arrow_fs)
         .select_columns(["embedding", "views"])
         .map_batches(training_pairs, fn_kwargs={"neighbours": neighbours}, batch_size=NEIGHBOUR_BLOCK,
                      batch_format="pyarrow")
     )
     dataset.context.execution_options.preserve_order = True  # the seeded shuffle repeats only over a fixed row order
     store = ray.available_resources().get("object_store_memory", 0)
-    if lake.fs.du(lake.path(FEATURES)) * (1 + neighbours / 2) <= MATERIALIZE_FRACTION * store:
+    if table.bytes * (1 + neighbours / 2) <= MATERIALIZE_FRACTION * store:
         return dataset.materialize()
     return dataset
 
@@ -192,18 +211,14 @@ def image_training_dataset(uris: list[str], image_size: int) -> ray.data.Dataset
                                          batch_size=ROWS_PER_BLOCK, batch_format="pyarrow")
 
 
-def training_shards(lake: Lake, settings: TrainSettings, images: bool) -> list[str]:
+def training_shards(settings: TrainSettings, images: bool) -> list[str]:
     """The shard URIs an image model trains on ([] for a feature model); one-line errors for a wrong input."""
     if images and not settings.shards:
         raise UserError(f"--model {settings.model} trains on images: give --shards")
     if not images and settings.shards:
         raise UserError(f"--model {settings.model} trains on the lake's features, not on --shards: "
                         f"run jobs/embed.py on the shards, then train without --shards")
-    if images:
-        return expand_shards(settings.shards)
-    if not lake.has_table(FEATURES):
-        raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
-    return []
+    return expand_shards(settings.shards) if images else []
 
 
 def absolute_pattern(pattern: str) -> str:
@@ -217,31 +232,32 @@ def train(settings: TrainSettings) -> dict:
     lake = Lake.open(settings.lake)
     config = model_config(settings.model, **settings.overrides)
     images = is_image_model(config)
-    uris = training_shards(lake, settings, images)
+    uris = training_shards(settings, images)
+    table = None if images else feature_table(lake)
     if settings.clusters < 2:
         raise UserError("--clusters must be at least 2")
     self_label_epochs = config.get("self_label_epochs", 0) if settings.self_label_epochs is None \
         else settings.self_label_epochs
     if images and self_label_epochs:
         raise UserError(f"--model {settings.model} trains on images: self-labelling is for feature models")
-    if images:
+    if table is None:
         dim, rows = config["image_size"], None  # counting images would read every shard
     else:
-        dim, views = feature_shape(lake)
-        check_pairs(views, settings.model, config)
-        rows = count_rows(lake, FEATURES)
+        check_pairs(table.views, settings.model, config)
+        dim, rows = table.dim, count_rows(lake, table.paths)
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = plan_workers(settings.workers)
     batch_size = training_batch_size(settings, config, rows, plan.workers)
-    dataset = image_training_dataset(uris, dim) if images else training_dataset(lake, config.get("neighbours", 0))
+    dataset = image_training_dataset(uris, dim) if table is None else \
+        training_dataset(lake, table, config.get("neighbours", 0))
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
         "epochs": settings.epochs or config["epochs"], "self_label_epochs": self_label_epochs,
         "batch_size": batch_size,
         "seed": settings.seed, "threads": plan.threads, "run": run, "shuffle_rows": shuffle_rows(images, batch_size),
-        "encoder": None if images else read_sample(lake, FEATURES, ["encoder"], 1).column("encoder")[0].as_py(),
+        "encoder": None if table is None else table.encoder,
         "shards": absolute_pattern(settings.shards) if images else None,
         "init": settings.init, "init_weights": ray.put(init) if init else None,
     }
@@ -266,8 +282,8 @@ def train(settings: TrainSettings) -> dict:
     result = trainer.fit()
     latest = publish_latest(lake, run, result.checkpoint.path, result.metrics, settings.clusters)
     print(f"model {latest['model_version']} written; LATEST -> {latest['checkpoint']}", flush=True)
-    evaluate = settings.evaluate and not images  # image models: jobs/infer.py measures
-    report = evaluate_checkpoint(lake, latest) if evaluate else None
+    evaluate = settings.evaluate and table is not None  # image models: jobs/infer.py measures
+    report = evaluate_checkpoint(lake, latest, table.files) if evaluate else None
     if report:
         print(report, flush=True)
     return latest
@@ -509,9 +525,10 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
 
 
-def evaluate_checkpoint(lake: Lake, latest: dict) -> QualityReport | None:
-    """ACC/NMI/ARI of the model and of k-means on the first EVAL_ROWS labelled features, if any."""
-    sample = read_sample(lake, FEATURES, ["label", "embedding"], EVAL_ROWS)
+def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str]) -> QualityReport | None:
+    """ACC/NMI/ARI of the model and of k-means on the first EVAL_ROWS labelled rows of the
+    feature files (shard -> path), if any."""
+    sample = read_sample(lake, features, ["label", "embedding"], EVAL_ROWS)
     sample = sample.filter(pc.is_valid(sample.column("label")))
     if sample.num_rows == 0:
         return None

@@ -1,4 +1,6 @@
-"""Shared fixtures: one local Ray per test session, and the real data in ../shared."""
+"""Shared fixtures: one local Ray per test module, a SeaweedFS S3 server, and the real data the
+tests build for themselves (drawn JPEG shards, scikit-learn's digits as features): no test reads
+../shared, which holds the benchmarks' data."""
 from __future__ import annotations
 
 import logging
@@ -9,14 +11,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rayclust.seaweed import SeaweedS3, free_port_pair
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-CIFAR_SHARDS = SHARED_DATA / "cifar10-test-wds"
-CIFAR_FEATURES = SHARED_DATA / "cifar10-test-effnetlite0.npz"
+DRAWN_SHARDS = 4
+DRAWN_PER_SHARD = 100
+DIGITS_VIEWS = 3
 TINY_ENCODER = "open_clip:rayclust-tiny-vit:none"
 
 
@@ -33,24 +36,46 @@ def ray_session(s3_env):
     """
     import ray
 
+    from rayclust.runtime import keep_idle_workers
+
     os.environ.pop("RAY_ADDRESS", None)
+    keep_idle_workers()
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def cifar_shards() -> Path:
-    if not CIFAR_SHARDS.is_dir():
-        pytest.skip(f"real CIFAR-10 shards not found at {CIFAR_SHARDS} (../shared/data beside the checkout)")
-    return CIFAR_SHARDS
+def drawn_shards(tmp_path_factory) -> Path:
+    """``drawn-000000.tar`` ... : WebDataset shards of 100 drawn 32-px JPEGs of 10 classes each
+    (``rayclust.synthetic``; members ``.cls``, ``.jpg``, ``.json``, keys ``drawn000000_00000`` ...)."""
+    from rayclust.synthetic import write_synthetic_shards
+
+    folder = tmp_path_factory.mktemp("drawn-shards")
+    write_synthetic_shards(str(folder), DRAWN_SHARDS, DRAWN_PER_SHARD, prefix="drawn")
+    return folder
 
 
 @pytest.fixture(scope="session")
-def cifar_features() -> Path:
-    if not CIFAR_FEATURES.is_file():
-        pytest.skip(f"real CIFAR-10 features not found at {CIFAR_FEATURES} (../shared/data beside the checkout)")
-    return CIFAR_FEATURES
+def digits_features() -> dict[str, np.ndarray]:
+    """scikit-learn's 1,797 digits as a real feature table with known labels: ``clean`` [N, 64]
+    (pixels scaled to [0, 1]) and ``views`` [N, 3, 64], each view the image shifted by up to a
+    pixel with a little noise; ``keys`` and ``labels`` beside them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images / 16.0
+    rng = np.random.default_rng(0)
+    views = np.stack([shifted_with_noise(images, rng) for _ in range(DIGITS_VIEWS)], axis=1)
+    return {"keys": np.array([f"digit-{i:05d}" for i in range(len(images))]), "labels": digits.target,
+            "clean": images.reshape(len(images), -1).astype(np.float32),
+            "views": views.reshape(len(images), DIGITS_VIEWS, -1).astype(np.float32)}
+
+
+def shifted_with_noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    shifts = rng.integers(-1, 2, size=(len(images), 2))
+    moved = np.stack([np.roll(image, tuple(shift), axis=(0, 1)) for image, shift in zip(images, shifts)])
+    return np.clip(moved + rng.normal(0, 0.05, moved.shape), 0, 1)
 
 
 S3_BUCKET = "rayclust-test"

@@ -1,6 +1,6 @@
 """Damaged and hostile shards never fail a job: good samples are embedded, bad ones are recorded.
 
-One shard mixes real CIFAR-10 samples with broken ones (corrupt, truncated, missing, fake and
+One shard mixes real drawn JPEG samples with broken ones (corrupt, truncated, missing, fake and
 oversized images, and pickles that must never be loaded); a second shard is a tar cut off in
 the middle of a member. Both are embedded once (module fixture); the tests then read the lake.
 """
@@ -91,10 +91,10 @@ PICKLE_KEY = "has_pickles"
 
 
 @pytest.fixture(scope="module")
-def bad_shards(tmp_path_factory, cifar_shards) -> dict:
+def bad_shards(tmp_path_factory, drawn_shards) -> dict:
     """The mixed shard and the truncated shard, and what each should yield."""
     root = tmp_path_factory.mktemp("bad-input")
-    real = real_samples(cifar_shards / "cifar10-test-000000.tar", GOOD + 2)
+    real = real_samples(drawn_shards / "drawn-000000.tar", GOOD + 2)
     keys = list(real)
     good = {k: real[k] for k in keys[:GOOD]}
     spare, pickled = real[keys[GOOD]], real[keys[GOOD + 1]]
@@ -112,7 +112,9 @@ def bad_shards(tmp_path_factory, cifar_shards) -> dict:
     (root / "shards").mkdir()
     write_shard(root / "shards" / f"{MIXED}.tar", samples)
 
-    cut_source = real_samples(cifar_shards / "cifar10-test-000001.tar", CUT_SAMPLES)
+    # each sample's image first, so that the cut lands inside an image
+    cut_source = {key: {"jpg": sample["jpg"], **sample}
+                  for key, sample in real_samples(drawn_shards / "drawn-000001.tar", CUT_SAMPLES).items()}
     whole = root / "whole.tar"
     write_shard(whole, cut_source)
     with tarfile.open(whole) as t:

@@ -17,27 +17,27 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CIFAR_SHARDS, REPO, TINY_ENCODER
+from conftest import REPO, TINY_ENCODER
 
 JOBS = REPO / "jobs"
-SHARD = str(CIFAR_SHARDS / "cifar10-test-000000.tar")  # only its existence matters; never read here
 
 
 def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (job arguments, a phrase that the one-line error must contain)."""
     empty = str(root / "empty-lake")
     lake = str(root / "lake")
+    shard = str(root / "shard-000000.tar")  # only its existence matters; never read
     return {
         "embed-wrong-shard-path": (["embed.py", "--shards", str(root / "nope" / "x-000000.tar"), "--lake", lake,
                                     "--encoder", TINY_ENCODER], "shard not found"),
         "embed-no-shard-matches": (["embed.py", "--shards", str(root / "nope-*.tar"), "--lake", lake,
                                     "--encoder", TINY_ENCODER], "no shards match"),
-        "embed-unknown-encoder": (["embed.py", "--shards", SHARD, "--lake", lake, "--encoder", "nope"],
+        "embed-unknown-encoder": (["embed.py", "--shards", shard, "--lake", lake, "--encoder", "nope"],
                                   "unknown encoder"),
-        "embed-views-not-a-number": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "abc"],
+        "embed-views-not-a-number": (["embed.py", "--shards", shard, "--lake", lake, "--views", "abc"],
                                      "invalid int value"),
-        "embed-views-negative": (["embed.py", "--shards", SHARD, "--lake", lake, "--views", "-1"], "at least 0"),
-        "embed-unknown-flag": (["embed.py", "--shards", SHARD, "--lake", lake, "--nope"], "unrecognized arguments"),
+        "embed-views-negative": (["embed.py", "--shards", shard, "--lake", lake, "--views", "-1"], "at least 0"),
+        "embed-unknown-flag": (["embed.py", "--shards", shard, "--lake", lake, "--nope"], "unrecognized arguments"),
         "embed-missing-flag": (["embed.py", "--lake", lake], "--shards"),
         "train-empty-lake": (["train.py", "--lake", empty], "no features"),
         "train-unknown-model": (["train.py", "--lake", empty, "--model", "nope"], "invalid choice"),
@@ -47,12 +47,12 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "train-negative-self-label": (["train.py", "--lake", empty, "--self-label-epochs", "-1"], "at least 0"),
         "infer-no-model": (["infer.py", "--lake", empty], "no trained model"),
         "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
-        "refresh-no-model": (["refresh.py", "--shards", SHARD, "--lake", empty], "no trained model"),
+        "refresh-no-model": (["refresh.py", "--shards", shard, "--lake", empty], "no trained model"),
         "refresh-wrong-shard-path": (["refresh.py", "--shards", str(root / "nope" / "x-000000.tar"),
                                       "--lake", lake], "shard not found"),
-        "refresh-drift-limit-above-one": (["refresh.py", "--shards", SHARD, "--lake", lake,
+        "refresh-drift-limit-above-one": (["refresh.py", "--shards", shard, "--lake", lake,
                                            "--max-cluster-shift", "2"], "between 0 and 1"),
-        "refresh-lock-ttl-too-short": (["refresh.py", "--shards", SHARD, "--lake", lake, "--lock-ttl", "1"],
+        "refresh-lock-ttl-too-short": (["refresh.py", "--shards", shard, "--lake", lake, "--lock-ttl", "1"],
                                        "at least 10"),
     }
 
@@ -64,8 +64,9 @@ def run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, cifar_shards) -> dict:
+def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cli")
+    (root / "shard-000000.tar").write_bytes(b"")
     cases = error_cases(root)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_job, args, root) for name, (args, _) in cases.items()}

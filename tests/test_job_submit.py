@@ -51,10 +51,14 @@ def free_port() -> int:
 def head_env(token: str, tmpdir: str) -> dict[str, str]:
     """The test's environment (with the S3 endpoint and credentials) as a user's shell would have it:
     the venv's bin first on PATH (the job's ``python``), token auth on, no RAY_ADDRESS. RAY_TMPDIR
-    is ours so that no other ``ray.init()`` on this machine finds this head in /tmp/ray."""
+    is ours so that no other ``ray.init()`` on this machine finds this head in /tmp/ray. Idle
+    workers are kept as the cluster configs' nodes keep them."""
+    from rayclust.runtime import WORKER_IDLE_KILL_MS
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", RAY_TMPDIR=tmpdir,
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_idle_worker_killing_time_threshold_ms=WORKER_IDLE_KILL_MS)
     return env
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
-from pathlib import Path
 
 import duckdb
 import pytest
@@ -53,7 +52,10 @@ def cluster(s3_env, private_ray_tmpdir):
     import ray
     from ray.cluster_utils import Cluster
 
+    from rayclust.runtime import keep_idle_workers
+
     os.environ.pop("RAY_ADDRESS", None)
+    keep_idle_workers()  # as the cluster configs start their nodes
     cluster = Cluster()
     try:
         for name in NODES:

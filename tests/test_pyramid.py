@@ -146,8 +146,8 @@ def test_init_loads_the_tensors_that_match_by_name_and_shape(tmp_path, capsys):
         pretrained_state(str(tmp_path / "junk.pt"), source)
 
 
-def test_wrong_input_is_a_one_line_error_before_ray_starts(tmp_path, cifar_shards):
-    shard = str(cifar_shards / "cifar10-test-000000.tar")
+def test_wrong_input_is_a_one_line_error_before_ray_starts(tmp_path, drawn_shards):
+    shard = str(drawn_shards / "drawn-000000.tar")
     with pytest.raises(UserError, match="give --shards"):
         train(TrainSettings(str(tmp_path / "lake"), "pyramid"))
     with pytest.raises(UserError, match="not on --shards"):
@@ -179,11 +179,12 @@ def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, cifar_shards):
-    """1 CIFAR shard (1,000 images) + a shard with one good and one broken image: 1 epoch, then infer."""
+def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, drawn_shards):
+    """3 drawn shards (300 images) + a shard with one good and one broken image: 1 epoch, then infer."""
     shards = tmp_path / "shards"
     shards.mkdir()
-    (shards / "cifar-000000.tar").symlink_to(cifar_shards / "cifar10-test-000000.tar")
+    for i in range(3):
+        (shards / f"drawn-{i:06d}.tar").symlink_to(drawn_shards / f"drawn-{i:06d}.tar")
     write_tar(shards / "extra-000000.tar", {"good": {"jpg": jpeg(32, 32, 2), "cls": b"3"},
                                             "broken": {"jpg": b"\xff\xd8\xff broken", "cls": b"1"}})
     lake = Lake.open(str(tmp_path / "lake"))
@@ -196,13 +197,13 @@ def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, cifar_s
     assert description["shards"] == str(shards / "*.tar") and description["model_config"]["input"] == "images"
 
     summary = infer(lake.uri)
-    assert (summary.rows, summary.shards) == (1001, 2)
+    assert (summary.rows, summary.shards) == (301, 4)
     labels = pads.dataset(lake.path(LABELS), partitioning="hive").to_table()
-    assert labels.num_rows == 1001 and len(set(labels.column("key").to_pylist())) == 1001
+    assert labels.num_rows == 301 and len(set(labels.column("key").to_pylist())) == 301
     assert set(labels.column("model_version").to_pylist()) == {"pyr/epoch-0"}
     assert set(labels.column("cluster").to_pylist()) <= set(range(CLUSTERS))
     errors = pads.dataset(lake.path(ERRORS), partitioning="hive").to_table().to_pylist()
     assert [(e["key"], e["stage"]) for e in errors] == [("broken", "infer")]
     assert errors[0]["reason"].startswith(("not an image", "undecodable image"))
     report = evaluate_image_labels(lake, expand_shards(description["shards"]))
-    assert report.samples == 1001 and 0 <= report.rows["rayclust labels"]["acc"] <= 1
+    assert report.samples == 301 and 0 <= report.rows["rayclust labels"]["acc"] <= 1

@@ -1,7 +1,7 @@
 """Refresh: crash safety, the lake lock, new shards only, drift; and the lake read by DuckDB and Spark.
 
-One local scenario runs once (module fixtures), on four 200-sample shards cut from real CIFAR-10
-shards (``part-000001`` also holds one sample without an image):
+One local scenario runs once (module fixtures), on four 100-sample shards copied from the drawn
+JPEG shards (``part-000001`` also holds one sample without an image):
 1. embed ``part-000000`` and train a tiny model in-process (LATEST);
 2. ``jobs/refresh.py`` over parts 0-2 as a subprocess with its own Ray, SIGKILLed as soon as it
    stages its first features (mid-write: shards it finished by then stay, the rest are redone);
@@ -30,7 +30,7 @@ import pytest
 
 from conftest import REPO, TINY_ENCODER, job_env, kill, start_job, wait_until
 
-SAMPLES = 200
+SAMPLES = 100
 SHARDS = [f"part-{i:06d}" for i in range(4)]
 NO_IMAGE_KEY = "zz_no_image"
 CLUSTERS = 5
@@ -39,7 +39,7 @@ CLUSTERS = 5
 # --- building shards and running the job -----------------------------------------------------
 
 def cut_shard(source: Path, target: Path, samples: int, extra: dict[str, bytes] | None = None) -> None:
-    """The first ``samples`` samples of a real shard, byte for byte, plus an optional extra sample."""
+    """The first ``samples`` samples of a shard, byte for byte, plus an optional extra sample."""
     keys: set[str] = set()
     with tarfile.open(source) as src, tarfile.open(target, "w", format=tarfile.USTAR_FORMAT) as dst:
         for member in src:
@@ -79,11 +79,11 @@ def count_by_shard(glob: str) -> dict[str, tuple[int, int]]:
 # --- the scenario ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, cifar_shards) -> Path:
+def source(tmp_path_factory, drawn_shards) -> Path:
     folder = tmp_path_factory.mktemp("refresh-source")
     for i, name in enumerate(SHARDS):
         extra = {f"{NO_IMAGE_KEY}.cls": b"3"} if i == 1 else None
-        cut_shard(cifar_shards / f"cifar10-test-{i:06d}.tar", folder / f"{name}.tar", SAMPLES, extra)
+        cut_shard(drawn_shards / f"drawn-{i:06d}.tar", folder / f"{name}.tar", SAMPLES, extra)
     return folder
 
 

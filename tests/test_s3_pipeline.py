@@ -1,6 +1,6 @@
 """embed -> train -> infer against a real S3 API (SeaweedFS ``weed mini``), and once on local paths.
 
-The S3 flow runs once (module fixture) on two real CIFAR-10 shards uploaded to
+The S3 flow runs once (module fixture) on two drawn JPEG shards uploaded to
 ``s3://BUCKET/raw/``; the tests then check what landed in ``s3://BUCKET/lake``.
 """
 from __future__ import annotations
@@ -15,15 +15,16 @@ import pytest
 
 from conftest import TINY_ENCODER
 
-SHARDS = ["cifar10-test-000000.tar", "cifar10-test-000001.tar"]
+SHARDS = ["drawn-000000.tar", "drawn-000001.tar"]
+SAMPLES = 100  # per drawn shard
 CLUSTERS = 10
 
 
 @pytest.fixture(scope="module")
-def raw_on_s3(s3_server, cifar_shards) -> str:
+def raw_on_s3(s3_server, drawn_shards) -> str:
     fs = s3_server.filesystem()
     for name in SHARDS:
-        fs.put_file(str(cifar_shards / name), f"{s3_server.bucket}/raw/{name}")
+        fs.put_file(str(drawn_shards / name), f"{s3_server.bucket}/raw/{name}")
     return f"s3://{s3_server.bucket}/raw"
 
 
@@ -34,7 +35,7 @@ def s3_pipeline(s3_server, raw_on_s3, ray_session) -> dict:
     from rayclust.training import TrainSettings, train
 
     lake = f"s3://{s3_server.bucket}/lake"
-    embedded = embed(f"{raw_on_s3}/cifar10-test-{{000000..000001}}.tar", lake, TINY_ENCODER, views=2,
+    embedded = embed(f"{raw_on_s3}/drawn-{{000000..000001}}.tar", lake, TINY_ENCODER, views=2,
                      batch_size=64)
     latest = train(TrainSettings(lake, "mfavb", clusters=CLUSTERS, epochs=2, batch_size=64, run="s3-run",
                                  self_label_epochs=1))
@@ -47,16 +48,16 @@ def test_brace_ranges_and_globs_expand_on_s3(raw_on_s3):
     from rayclust.shards import expand_shards
 
     expected = [f"{raw_on_s3}/{name}" for name in SHARDS]
-    assert expand_shards(f"{raw_on_s3}/cifar10-test-{{000000..000001}}.tar") == expected
+    assert expand_shards(f"{raw_on_s3}/drawn-{{000000..000001}}.tar") == expected
     assert expand_shards(f"{raw_on_s3}/*.tar") == expected
-    assert expand_shards(f"{raw_on_s3}/cifar10-test-00000[01].tar") == expected
+    assert expand_shards(f"{raw_on_s3}/drawn-00000[01].tar") == expected
 
 
 def test_feature_table_on_s3_has_every_sample_as_plain_lists(s3_pipeline):
     fs, root = s3_pipeline["fs"], s3_pipeline["root"]
-    assert s3_pipeline["embedded"].samples == 2000 and s3_pipeline["embedded"].bad_samples == 0
+    assert s3_pipeline["embedded"].samples == 2 * SAMPLES and s3_pipeline["embedded"].bad_samples == 0
     files = fs.glob(f"{root}/features/shard=*/*.parquet")
-    assert {f.split("/")[-2] for f in files} == {"shard=cifar10-test-000000", "shard=cifar10-test-000001"}
+    assert {f.split("/")[-2] for f in files} == {"shard=drawn-000000", "shard=drawn-000001"}
     for path in files:  # as written: no Ray tensor extension type, so Spark and DuckDB read it as is
         schema = pq.read_schema(path, filesystem=fs)
         assert schema.field("embedding").type == pa.list_(pa.float32())
@@ -65,8 +66,8 @@ def test_feature_table_on_s3_has_every_sample_as_plain_lists(s3_pipeline):
         assert not any(b"ARROW:extension" in key for f in schema for key in (f.metadata or {}))
     features = pads.dataset(f"{root}/features", filesystem=fs, partitioning="hive").to_table(
         columns=["key", "embedding", "views"])
-    assert features.num_rows == 2000
-    assert len(set(features.column("key").to_pylist())) == 2000
+    assert features.num_rows == 2 * SAMPLES
+    assert len(set(features.column("key").to_pylist())) == 2 * SAMPLES
     assert len(features.column("embedding")[0]) == 64 and len(features.column("views")[0]) == 2
 
 
@@ -80,7 +81,7 @@ def test_latest_points_at_the_trained_checkpoint(s3_pipeline):
 
 def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline):
     fs, root = s3_pipeline["fs"], s3_pipeline["root"]
-    assert s3_pipeline["inferred"].rows == 2000
+    assert s3_pipeline["inferred"].rows == 2 * SAMPLES
     # DuckDB's httpfs extension cannot be downloaded offline, so DuckDB reads s3:// through the
     # same fsspec (s3fs) filesystem the lake uses, registered with DuckDB.
     con = duckdb.connect()
@@ -90,7 +91,7 @@ def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline):
                max(confidence), list(DISTINCT model_version), count(DISTINCT shard)
         FROM read_parquet('s3://{root}/labels/*/*.parquet', hive_partitioning = true)
     """).fetchone()
-    assert rows == keys == 2000
+    assert rows == keys == 2 * SAMPLES
     assert 0 <= low <= high < CLUSTERS
     assert 0 < min_conf <= max_conf <= 1.0
     assert versions == [s3_pipeline["latest"]["model_version"]]
@@ -102,19 +103,19 @@ def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline):
     assert unlabelled == 0
 
 
-def test_local_lake_end_to_end(ray_session, cifar_shards, tmp_path):
+def test_local_lake_end_to_end(ray_session, drawn_shards, tmp_path):
     from rayclust.features import embed
     from rayclust.labels import infer
     from rayclust.training import TrainSettings, train
 
     lake = str(tmp_path / "lake")
-    embedded = embed(str(cifar_shards / "cifar10-test-00000{2..2}.tar"), lake, TINY_ENCODER, views=2,
+    embedded = embed(str(drawn_shards / "drawn-00000{2..2}.tar"), lake, TINY_ENCODER, views=2,
                      batch_size=64)
-    latest = train(TrainSettings(lake, clusters=CLUSTERS, epochs=1, batch_size=64, run="local", self_label_epochs=1))
+    train(TrainSettings(lake, clusters=CLUSTERS, epochs=1, batch_size=64, run="local", self_label_epochs=1))
     inferred = infer(lake, batch_size=512)
-    assert embedded.samples == inferred.rows == 1000
+    assert embedded.samples == inferred.rows == SAMPLES
     assert json.loads((tmp_path / "lake" / "models" / "LATEST").read_text())["model_version"] == "local/epoch-1"
     labels = duckdb.execute(f"""SELECT count(*), count(DISTINCT key), min(cluster), max(cluster), min(confidence)
                             FROM read_parquet('{lake}/labels/*/*.parquet')""").fetchone()
-    assert labels[0] == labels[1] == 1000
+    assert labels[0] == labels[1] == SAMPLES
     assert 0 <= labels[2] <= labels[3] < CLUSTERS and labels[4] > 0
