@@ -5,6 +5,7 @@ import logging
 import os
 
 import ray
+from ray.data import DataContext
 
 from rayclust.errors import UserError
 
@@ -20,10 +21,18 @@ WORKER_IDLE_KILL_MS = "60000"
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray."""
+    leave_retries_to_the_store_clients()
     if ray.is_initialized():
         return
     keep_idle_workers()
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+
+
+def leave_retries_to_the_store_clients() -> None:
+    """Ray Data would retry a read that failed with an S3 error up to 10 more times, backing off up
+    to 32 s, on top of the S3 client's own retries (``rayclust.lake``): a store that stays down
+    would hold a job for some ten minutes. One layer retries: the client's."""
+    DataContext.get_current().retried_io_errors = []
 
 
 def keep_idle_workers() -> None:
