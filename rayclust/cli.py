@@ -78,7 +78,8 @@ def run_job(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         sys.exit("interrupted")
     except Exception as exn:
-        from rayclust.lake import store_unreachable, unreachable_store_message  # pyarrow: not before parsing flags
+        # imported here: rayclust.lake imports pyarrow, and jobs import this module before parsing flags
+        from rayclust.lake import store_unreachable, unreachable_store_message
 
         problem = user_error(exn) or (unreachable_store_message() if store_unreachable(exn) else None)
         if problem is None:

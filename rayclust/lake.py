@@ -45,8 +45,8 @@ MODELS = "models"
 MANIFEST = "manifest"
 STAGING = "_staging"
 WRITE_ID = "write_id"
-# pyarrow (Parquet, listings, checkpoints): AWS's default strategy waits 50 ms, doubling, before
-# each retry, without jitter: the last of 11 retries comes 51 s after the first failure.
+# pyarrow (Parquet, listings, checkpoints): AWS's default strategy retries at once, then after
+# 50 ms, doubling, without jitter: the last of 11 retries comes 51 s after the first failure.
 ARROW_S3_RETRIES = 11
 # botocore through s3fs (moves, deletes, the lock, JSON): its standard mode waits a random share
 # of 1 s, doubling, at most 20 s, before each retry: 10 attempts give up after 84 s on average and
@@ -122,7 +122,7 @@ def store_unreachable(exn: BaseException) -> bool:
 def unreachable_store_message() -> str:
     """The one line a job ends with when its object store stays down."""
     where = s3_endpoint() or f"AWS S3 ({s3_region() or 'default region'})"
-    return (f"the object store at {where} does not answer (gave up after about a minute of retries): "
+    return (f"the object store at {where} does not answer (gave up after retrying for a minute or two): "
             f"run the job again once it is back; it redoes what it had not published")
 
 

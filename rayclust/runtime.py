@@ -49,12 +49,15 @@ class HideStoreOutageTraceback(logging.Filter):
         return exn is None or not store_unreachable(exn)
 
 
+HIDE_STORE_OUTAGES = HideStoreOutageTraceback()
+
+
 def hide_store_outage_tracebacks() -> None:
-    """On the driver: ``HideStoreOutageTraceback`` on the console handlers of Ray Data's logger."""
+    """On the driver: ``HideStoreOutageTraceback`` on the console handlers of Ray Data's logger
+    (once: a handler does not add a filter it has)."""
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, HideStoreOutageTraceback) for f in handler.filters):
-            handler.addFilter(HideStoreOutageTraceback())
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(HIDE_STORE_OUTAGES)
 
 
 def keep_idle_workers() -> None:
