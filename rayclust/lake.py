@@ -38,6 +38,7 @@ LABELS = "labels"
 ERRORS = "errors"
 MODELS = "models"
 MANIFEST = "manifest"
+NEIGHBOURS = "neighbours"
 STAGING = "_staging"
 WRITE_ID = "write_id"
 S3_RETRIES = 10  # pyarrow's standard retry strategy backs off between them
