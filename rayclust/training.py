@@ -34,7 +34,7 @@ from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, model_config, pretrained_state
 from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_model
-from rayclust.models.heads import CoAssignments
+from rayclust.models.heads import ClusterHeads, CoAssignments
 from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
@@ -321,8 +321,10 @@ def train_loop(config: dict) -> None:
 
 
 def co_assignment_counter(model, clusters: int) -> CoAssignments | None:
-    """A counter for a model with several cluster heads to align; None for one head."""
-    heads = len(unwrap(model).cluster_head.heads)
+    """A counter for a model with several cluster heads to align; None for one head (the
+    pyramid model's twin heads are not ``ClusterHeads``)."""
+    cluster_head = getattr(unwrap(model), "cluster_head", None)
+    heads = len(cluster_head.heads) if isinstance(cluster_head, ClusterHeads) else 1
     return CoAssignments(heads, clusters, ray.train.torch.get_device()) if heads > 1 else None
 
 
