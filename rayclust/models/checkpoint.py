@@ -13,7 +13,7 @@ import torch
 
 from rayclust.errors import UserError
 from rayclust.lake import MODELS, Lake
-from rayclust.models import build_model
+from rayclust.models import build_model, load_tensors
 
 CHECKPOINT_FILE = "model.pt"
 CONFIG_FILE = "config.json"
@@ -29,16 +29,29 @@ def latest_model(lake: Lake) -> dict:
 
 def checkpoint_description(lake: Lake, latest: dict) -> dict:
     """The config.json of the checkpoint a LATEST pointer names (model config, clusters, shards, ...)."""
-    with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CONFIG_FILE}", "r") as f:
-        return json.load(f)
+    try:
+        with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CONFIG_FILE}", "r") as f:
+            return json.load(f)
+    except ValueError:  # not UTF-8, or not JSON
+        raise UserError(f"{checkpoint_uri(lake, latest, CONFIG_FILE)}: damaged: not JSON") from None
 
 
 def load_model(lake: Lake, latest: dict, device: str = "cpu") -> torch.nn.Module:
-    """The model a LATEST pointer names, in eval mode. Loads tensors only (weights_only)."""
-    directory = lake.path(latest["checkpoint"])
+    """The model a LATEST pointer names, in eval mode. Loads tensors only (weights_only); a damaged
+    checkpoint, or one that unpickles anything else, is a one-line UserError naming its file."""
     description = checkpoint_description(lake, latest)
     model = build_model(description["model_config"], description["feature_dim"], description["clusters"])
-    with lake.fs.open(f"{directory}/{CHECKPOINT_FILE}", "rb") as f:
-        state = torch.load(f, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
+    name = checkpoint_uri(lake, latest, CHECKPOINT_FILE)
+    with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CHECKPOINT_FILE}", "rb") as f:
+        state = load_tensors(f.read(), name)  # read first: a store's errors are not the file's
+    try:
+        model.load_state_dict(state["model"])
+    except (TypeError, KeyError, RuntimeError) as exn:
+        raise UserError(f"{name}: does not hold the weights of the model its {CONFIG_FILE} describes "
+                        f"({type(exn).__name__})") from None
     return model.to(device).eval()
+
+
+def checkpoint_uri(lake: Lake, latest: dict, file: str) -> str:
+    """A file of the checkpoint a LATEST pointer names, as the user would spell it."""
+    return f"{lake.uri}/{latest['checkpoint']}/{file}"
