@@ -3,15 +3,20 @@ a shard name cannot write outside its partition, and credentials never reach out
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import re
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import REPO, CreatesFile, start_job
+from conftest import REPO, TINY_ENCODER, CreatesFile, start_job
 
 CLUSTERS = 3
 FEATURE_DIM = 8
@@ -114,3 +119,94 @@ def test_jobs_refuse_pickle_carrying_files_in_one_line(tmp_path, drawn_shards):
     assert not marker.exists()
     assert sorted(p.name for p in lake.iterdir()) == ["models"], "infer wrote to the lake"
 
+
+# --- hostile keys and odd shard names stay in their partitions ------------------------------
+
+HOSTILE = "hostile-000000"
+ODD = "odd name=1-000000"  # spaces and "=" are fine in a partition's name
+GOOD_KEYS = [f"good_{i}" for i in range(4)]
+KEPT_KEYS = ["a/../../escape", "../../../../tmp/outside", "/etc/abs", "shard=evil/x", "n" * 100 + "\0nul"]
+SKIPPED = {"..jpg": "member without a sample key", "link.jpg": "not a regular file",
+           "hard.jpg": "not a regular file"}
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE,
+               link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = len(data), kind, link
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_hostile_shard(path: Path) -> None:
+    """Good samples, then samples whose keys hold "/", ".." and a NUL (a PAX name keeps it), a
+    member with no key, and links pointing out of the tar (never followed)."""
+    from rayclust.synthetic import draw_image, jpeg_bytes
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for label, key in enumerate(GOOD_KEYS + KEPT_KEYS):
+            add_member(tar, f"{key}.jpg", jpeg_bytes(draw_image(label, rng)))
+            add_member(tar, f"{key}.cls", str(label).encode())
+        add_member(tar, "..jpg", jpeg_bytes(draw_image(0, rng)))
+        add_member(tar, "link.jpg", kind=tarfile.SYMTYPE, link="../../../../etc/passwd")
+        add_member(tar, "hard.jpg", kind=tarfile.LNKTYPE, link=f"{GOOD_KEYS[0]}.jpg")
+
+
+@pytest.fixture(scope="module")
+def hostile_lake(ray_session, tmp_path_factory) -> dict:
+    from rayclust.features import embed
+    from rayclust.synthetic import write_synthetic_shards
+
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "shards").mkdir()
+    write_hostile_shard(root / "shards" / f"{HOSTILE}.tar")
+    write_synthetic_shards(str(root / "shards"), 1, 5, prefix=ODD.rsplit("-", 1)[0])
+    before = {p: p.read_bytes() for p in (root / "shards").iterdir()}
+    summary = embed(str(root / "shards" / "*.tar"), str(root / "lake"), TINY_ENCODER, views=1, batch_size=8)
+    return {"root": root, "lake": root / "lake", "shards": before, "summary": summary}
+
+
+def lake_table(lake: Path, table: str) -> list[dict]:
+    return pads.dataset(lake / table, format="parquet", partitioning="hive").to_table(
+        columns=["shard", "key", *(["reason"] if table == "errors" else [])]).to_pylist()
+
+
+def test_every_file_lands_inside_its_shards_partition(hostile_lake):
+    root, lake = hostile_lake["root"], hostile_lake["lake"]
+    published = re.compile(rf"(features|errors)/shard=({HOSTILE}|{ODD})/"
+                           rf"[0-9TZ]+-[0-9a-f]{{8}}_[0-9a-f]{{16}}\.parquet")
+    files = {str(p.relative_to(lake)) for p in lake.rglob("*") if not p.is_dir()}
+    assert all(published.fullmatch(f) or f == "_lock.guard" for f in files), sorted(files)
+    folders = {str(p.relative_to(lake)) for p in lake.rglob("*") if p.is_dir()}
+    assert folders <= {"features", "errors", "_staging", *(f"{t}/shard={s}" for t in ("features", "errors")
+                                                             for s in (HOSTILE, ODD))}, sorted(folders)
+    assert sorted(p.name for p in root.iterdir()) == ["lake", "shards"], "something was written beside the lake"
+    assert {p: p.read_bytes() for p in (root / "shards").iterdir()} == hostile_lake["shards"]
+    for key in KEPT_KEYS[:-1]:  # where a key taken for a path would have written
+        for folder in (lake / "features" / f"shard={HOSTILE}", lake / "_staging", Path.cwd()):
+            assert not any((folder / f"{key}{suffix}").exists() for suffix in ("", ".jpg", ".parquet")), key
+
+
+def test_hostile_keys_are_plain_data_once_and_skipped_members_are_recorded(hostile_lake):
+    features = lake_table(hostile_lake["lake"], "features")
+    keys = [(row["shard"], row["key"]) for row in features]
+    assert len(keys) == len(set(keys)), "a sample embedded twice"
+    odd = {(ODD, f"odd name=1000000_{i:05d}") for i in range(5)}
+    assert set(keys) == {(HOSTILE, key) for key in GOOD_KEYS + KEPT_KEYS} | odd
+    errors = {row["key"]: row for row in lake_table(hostile_lake["lake"], "errors")}
+    assert set(errors) == set(SKIPPED)
+    for name, reason in SKIPPED.items():
+        assert errors[name]["shard"] == HOSTILE and errors[name]["reason"].startswith(reason), errors[name]
+    summary = hostile_lake["summary"]
+    assert (summary.shards, summary.samples, summary.bad_samples) == (2, len(keys), len(SKIPPED))
+
+
+@pytest.mark.parametrize("name", ["percent%41-000000.tar", "glob[1]-000000.tar", "tab\tname-000000.tar"])
+def test_a_shard_name_that_would_not_read_back_is_refused_in_one_line(tmp_path, name):
+    from rayclust.errors import UserError
+    from rayclust.shards import expand_shards
+
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError) as refused:
+        expand_shards(str(tmp_path / "*.tar"))
+    assert_one_line(str(refused.value), "rename the file")
