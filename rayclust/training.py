@@ -34,7 +34,7 @@ from rayclust.evaluation import EVAL_ROWS, QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
-from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_model
+from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
 from rayclust.models.heads import co_assignments
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
@@ -319,6 +319,7 @@ def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, cl
         load_model(lake, latest)
     except UserError as exn:
         raise UserError(f"{exn}; LATEST unchanged") from None
+    latest[DIGEST] = digest_of(lake, latest)
     lake.write_json(latest, MODELS, "LATEST")
     return latest
 

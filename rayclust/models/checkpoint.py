@@ -3,10 +3,12 @@
 Library code, apart from the trainer (``rayclust.training`` writes checkpoints; ``labels`` and
 ``refresh`` only read them), as open_clip keeps ``load_checkpoint`` apart from its training code.
 A checkpoint directory holds ``model.pt`` (tensors only, loaded with ``weights_only``) and
-``config.json`` (the model config, feature dim, clusters, encoder, run, shards).
+``config.json`` (the model config, feature dim, clusters, encoder, run, shards). ``LATEST``
+records ``model.pt``'s SHA-256: a file damaged inside its tensors still loads, but no longer matches.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -17,6 +19,7 @@ from rayclust.models import build_model, load_tensors
 
 CHECKPOINT_FILE = "model.pt"
 CONFIG_FILE = "config.json"
+DIGEST = "model_sha256"  # LATEST's record of model.pt
 
 
 def latest_model(lake: Lake) -> dict:
@@ -42,14 +45,29 @@ def load_model(lake: Lake, latest: dict, device: str = "cpu") -> torch.nn.Module
     description = checkpoint_description(lake, latest)
     model = build_model(description["model_config"], description["feature_dim"], description["clusters"])
     name = checkpoint_uri(lake, latest, CHECKPOINT_FILE)
-    with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CHECKPOINT_FILE}", "rb") as f:
-        state = load_tensors(f.read(), name)  # read first: a store's errors are not the file's
+    state = load_tensors(model_file(lake, latest), name)
     try:
         model.load_state_dict(state["model"])
     except (TypeError, KeyError, RuntimeError) as exn:
         raise UserError(f"{name}: does not hold the weights of the model its {CONFIG_FILE} describes "
                         f"({type(exn).__name__})") from None
     return model.to(device).eval()
+
+
+def model_file(lake: Lake, latest: dict) -> bytes:
+    """The model.pt of the checkpoint a LATEST pointer names, read whole (so that a store's errors
+    are not taken for the file's), checked against the SHA-256 that LATEST recorded, if any."""
+    with lake.fs.open(f"{lake.path(latest['checkpoint'])}/{CHECKPOINT_FILE}", "rb") as f:
+        data = f.read()
+    if DIGEST in latest and hashlib.sha256(data).hexdigest() != latest[DIGEST]:
+        raise UserError(f"{checkpoint_uri(lake, latest, CHECKPOINT_FILE)}: damaged: its SHA-256 is not the one "
+                        f"LATEST recorded when training wrote it")
+    return data
+
+
+def digest_of(lake: Lake, latest: dict) -> str:
+    """The SHA-256 of the model.pt that a LATEST pointer names, for LATEST to record."""
+    return hashlib.sha256(model_file(lake, latest)).hexdigest()
 
 
 def checkpoint_uri(lake: Lake, latest: dict, file: str) -> str:
