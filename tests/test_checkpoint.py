@@ -97,20 +97,19 @@ def test_latest_moves_only_to_a_checkpoint_that_loads(trained_lake, tmp_path):
 
 
 def test_a_run_does_not_resume_from_a_damaged_checkpoint_nor_move_latest(trained_lake, tmp_path):
-    """What a run killed after its first checkpoint leaves, with that checkpoint then cut short:
-    run again, it stops with one line naming the file, and LATEST stays on the earlier model."""
+    """A run trained further (the same --run, more epochs) resumes from its last checkpoint: cut
+    short, that stops the run with one line naming the file, and LATEST stays as it was."""
     from rayclust.cli import user_error
 
     lake = tmp_path / "lake"
-    shutil.copytree(trained_lake, lake)
+    shutil.copytree(trained_lake, lake)  # Ray Train's run state names its checkpoints relative to the run
     before = (lake / "models" / "LATEST").read_bytes()
-    first = train_digits(lake, "cut")
-    (lake / "models" / "LATEST").write_bytes(before)  # as if killed before it finished
-    model = lake / first["checkpoint"] / "model.pt"
+    model = lake / latest_of(lake)["checkpoint"] / "model.pt"
     truncated(model)
     with pytest.raises(Exception) as failed:
-        train_digits(lake, "cut", epochs=2)
+        train_digits(lake, "whole", epochs=2)
     problem = user_error(failed.value)
     assert problem is not None, failed.value
     assert "\n" not in str(problem) and f"resuming from {model}" in str(problem), problem
     assert (lake / "models" / "LATEST").read_bytes() == before
+    assert [p for p in model.parent.parent.glob("checkpoint_*") if p.is_dir()] == [model.parent]

@@ -7,8 +7,11 @@ import io
 import json
 import pickle
 import re
+import secrets
+import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import REPO, TINY_ENCODER, CreatesFile, start_job
+from conftest import REPO, TINY_ENCODER, CreatesFile, start_job, wait_until
 
 CLUSTERS = 3
 FEATURE_DIM = 8
@@ -98,11 +101,10 @@ def test_the_marker_appears_when_the_pickle_is_run(tmp_path):
     assert marker.exists()
 
 
-def run_script(args: list[str], log: Path) -> str:
-    """A job script run to its end; its stdout and stderr together."""
+def run_to_end(args: list[str], log: Path) -> tuple[int, str]:
+    """A job script run to its end: its exit status, and its stdout and stderr together."""
     process = start_job([sys.executable, str(REPO / "jobs" / args[0]), *args[1:]], log)
-    assert process.wait(timeout=300) != 0, log.read_text()
-    return log.read_text()
+    return process.wait(timeout=600), log.read_text()
 
 
 def test_jobs_refuse_pickle_carrying_files_in_one_line(tmp_path, drawn_shards):
@@ -110,11 +112,11 @@ def test_jobs_refuse_pickle_carrying_files_in_one_line(tmp_path, drawn_shards):
     init = pickle_carrying(tmp_path / "init.pt", "plain-pickle", marker)
     lake = tmp_path / "lake"
     checkpoint_lake(lake, pickle_carrying(tmp_path / "model.pt", "torch-save", marker).read_bytes())
-    trained = run_script(["train.py", "--lake", str(tmp_path / "other"), "--model", "pyramid", "--clusters", "2",
+    trained = run_to_end(["train.py", "--lake", str(tmp_path / "other"), "--model", "pyramid", "--clusters", "2",
                           "--shards", str(drawn_shards / "drawn-000000.tar"), "--init", str(init)], tmp_path / "t.log")
-    inferred = run_script(["infer.py", "--lake", str(lake)], tmp_path / "i.log")
-    for output, name in ((trained, f"--init {init}"), (inferred, "checkpoint_000000/model.pt")):
-        assert output.startswith("error: ") and "Traceback" not in output, output
+    inferred = run_to_end(["infer.py", "--lake", str(lake)], tmp_path / "i.log")
+    for (status, output), name in ((trained, f"--init {init}"), (inferred, "checkpoint_000000/model.pt")):
+        assert status != 0 and output.startswith("error: ") and "Traceback" not in output, output
         assert_one_line(output, name, "refused")
     assert not marker.exists()
     assert sorted(p.name for p in lake.iterdir()) == ["models"], "infer wrote to the lake"
@@ -210,3 +212,63 @@ def test_a_shard_name_that_would_not_read_back_is_refused_in_one_line(tmp_path, 
     with pytest.raises(UserError) as refused:
         expand_shards(str(tmp_path / "*.tar"))
     assert_one_line(str(refused.value), "rename the file")
+
+
+# --- credentials reach no output, log or lake file ------------------------------------------
+
+def files_holding(secret: str, files: dict[str, bytes]) -> list[str]:
+    return sorted(name for name, data in files.items() if secret.encode() in data)
+
+
+@pytest.fixture
+def ray_files(monkeypatch):
+    """RAY_TMPDIR for the jobs a test starts: where their Ray writes its session logs."""
+    folder = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths are limited in length
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_credentials_appear_in_no_output_log_or_lake_file(s3_server, s3_env, drawn_shards, ray_files, tmp_path,
+                                                         monkeypatch):
+    """embed, train and refresh on S3, then jobs that fail on S3 (a missing bucket; a wrong
+    secret): the secrets are in none of their output, none of the lake's objects (LATEST,
+    config.json, the manifest, the lock while it is held) and none of Ray's files."""
+    fs, bucket = s3_server.filesystem(), s3_server.bucket
+    for name in ("drawn-000000.tar", "drawn-000001.tar"):
+        fs.put_file(str(drawn_shards / name), f"{bucket}/secret-raw/{name}")
+    raw, lake = f"s3://{bucket}/secret-raw", f"s3://{bucket}/secret-lake"
+    outputs: dict[str, str] = {}
+    for name, args in {
+        "embed": ["embed.py", "--shards", f"{raw}/drawn-000000.tar", "--lake", lake, "--encoder", TINY_ENCODER,
+                  "--views", "1", "--batch-size", "64"],
+        "train": ["train.py", "--lake", lake, "--clusters", "4", "--epochs", "1", "--self-label-epochs", "0",
+                  "--batch-size", "32", "--run", "secret"],
+    }.items():
+        status, outputs[name] = run_to_end(args, tmp_path / f"{name}.log")
+        assert status == 0, outputs[name]
+    refresh = start_job([sys.executable, str(REPO / "jobs" / "refresh.py"), "--shards", f"{raw}/*.tar",
+                         "--lake", lake], tmp_path / "refresh.log")
+    lock = wait_until(lambda: fs.exists(f"{bucket}/secret-lake/_lock") and fs.cat_file(f"{bucket}/secret-lake/_lock"),
+                      refresh, tmp_path / "refresh.log", "the lake's lock")
+    assert refresh.wait(timeout=600) == 0, (tmp_path / "refresh.log").read_text()
+    outputs["refresh"] = (tmp_path / "refresh.log").read_text()
+    status, outputs["missing-bucket"] = run_to_end(
+        ["embed.py", "--shards", "s3://no-such-bucket-rayclust/raw/x.tar", "--lake", lake], tmp_path / "bucket.log")
+    assert status != 0, outputs["missing-bucket"]
+    wrong = secrets.token_hex(16)
+    with monkeypatch.context() as patch:
+        patch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+        status, outputs["wrong-secret"] = run_to_end(["infer.py", "--lake", lake], tmp_path / "wrong.log")
+    assert status != 0 and "Traceback" not in outputs["wrong-secret"], outputs["wrong-secret"]
+
+    objects = {path: fs.cat_file(path) for path in fs.find(f"{bucket}/secret-lake")}
+    assert {"models/LATEST", "manifest/manifest.parquet"} <= {p.split("/", 2)[2] for p in objects}
+    assert any(p.endswith("/config.json") for p in objects)
+    ray_logs = {str(p): p.read_bytes() for p in ray_files.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert any("/logs/" in p for p in ray_logs), sorted(ray_logs)[:20]
+    for secret in (s3_env["AWS_SECRET_ACCESS_KEY"], wrong):
+        assert files_holding(secret, {f"output of {k}": v.encode() for k, v in outputs.items()}) == []
+        assert files_holding(secret, {**objects, "_lock": lock}) == []
+        assert files_holding(secret, ray_logs) == []

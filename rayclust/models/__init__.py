@@ -106,10 +106,10 @@ def load_tensors(source: str | bytes, name: str) -> Any:
             return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
                               weights_only=True)
     except pickle.UnpicklingError:  # torch's refusal of a global, or a pickle stream it cannot follow
-        raise UserError(f"{name}: refused: not a file of tensors alone (it holds other Python objects, "
+        raise UserError(f"{name}: refused: not a checkpoint of tensors alone (it holds other Python objects, "
                         f"which are never unpickled, or it is damaged)") from None
     except Exception as exn:  # a damaged file fails in many ways: zip, EOF, decoding, missing records
-        raise UserError(f"{name}: damaged or not a PyTorch file ({first_line(exn)})") from None
+        raise UserError(f"{name}: damaged: not a checkpoint of tensors ({first_line(exn)})") from None
 
 
 def first_line(exn: BaseException) -> str:
