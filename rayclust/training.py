@@ -32,8 +32,8 @@ from rayclust.errors import UserError
 from rayclust.evaluation import EVAL_ROWS, QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
-from rayclust.models import build_model, is_image_model, model_config, pretrained_state
-from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_model
+from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
+from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
 from rayclust.models.heads import ClusterHeads, CoAssignments
 from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
@@ -244,6 +244,8 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: int | None,
 
 
 def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, clusters: int) -> dict:
+    """Point ``LATEST`` at a finished run's checkpoint, only once that checkpoint loads: one cut
+    short or damaged leaves LATEST where it was."""
     relative = checkpoint_path[len(lake.root):].lstrip("/")
     latest = {
         "run": run,
@@ -253,6 +255,11 @@ def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, cl
         "metrics": metrics,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    try:
+        load_model(lake, latest)
+    except UserError as exn:
+        raise UserError(f"{exn}; LATEST unchanged") from None
+    latest[DIGEST] = digest_of(lake, latest)
     lake.write_json(latest, MODELS, "LATEST")
     return latest
 
@@ -459,7 +466,8 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        return load_tensors(os.path.join(directory, CHECKPOINT_FILE),
+                            f"resuming from {checkpoint.path}/{CHECKPOINT_FILE}")
 
 
 def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str]) -> QualityReport | None:
