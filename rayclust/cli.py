@@ -66,7 +66,8 @@ def user_error(exn: BaseException) -> UserError | None:
 
 def run_job(main: Callable[[], object]) -> None:
     """Run a job's main; user mistakes end as one line and exit status 1, not a traceback
-    (a bad flag has already exited with 2 in the parser), also when a Ray worker raised them."""
+    (a bad flag has already exited with 2 in the parser), also when a Ray worker raised them;
+    so does an object store that stays down."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     try:
         main()
@@ -77,7 +78,9 @@ def run_job(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         sys.exit("interrupted")
     except Exception as exn:
-        problem = user_error(exn)
+        from rayclust.lake import store_unreachable, unreachable_store_message  # pyarrow: not before parsing flags
+
+        problem = user_error(exn) or (unreachable_store_message() if store_unreachable(exn) else None)
         if problem is None:
             raise
         sys.exit(f"error: {problem}")

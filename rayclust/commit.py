@@ -200,7 +200,8 @@ class IncompleteShard(Exception):
     """A shard's staged rows do not add up to what the job counted: it is not published."""
 
 
-publish_remotely = ray.remote(num_cpus=0, max_retries=3, retry_exceptions=[OSError])(publish_shard)
+# Ray retries it if its worker dies; a store that does not answer, its client retries (rayclust.lake)
+publish_remotely = ray.remote(num_cpus=0, max_retries=3)(publish_shard)
 
 
 @dataclass

@@ -14,6 +14,10 @@ Layout (the contract is docs/lake.md)::
 A job stages pieces under ``_staging/<write-id>/`` and publishes each shard as soon as it is
 complete: one file per shard and table, moved into place, then the shard's older files deleted
 (``rayclust/commit.py``).
+
+Every request to an object store is retried by its client, with exponential backoff, long
+enough to ride out a restart of the store and no longer (docs/lake.md, "When the store does
+not answer"); nothing retries on top of the clients.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import datetime
 import functools
 import json
 import os
+import traceback
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,7 +46,19 @@ MANIFEST = "manifest"
 NEIGHBOURS = "neighbours"
 STAGING = "_staging"
 WRITE_ID = "write_id"
-S3_RETRIES = 10  # pyarrow's standard retry strategy backs off between them
+# pyarrow (Parquet, listings, checkpoints): AWS's default strategy waits 50 ms, doubling, before
+# each retry, without jitter: the last of 11 retries comes 51 s after the first failure.
+ARROW_S3_RETRIES = 11
+# botocore through s3fs (moves, deletes, the lock, JSON): its standard mode waits a random share
+# of 1 s, doubling, at most 20 s, before each retry: 10 attempts give up after 84 s on average and
+# 111 s at most (within 30 s: about one time in 10,000). A connection is given 5 s, not botocore's
+# 60, so that an endpoint that does not answer at all is given up within minutes too.
+BOTO_S3_ATTEMPTS = 10
+BOTO_S3_OPTIONS = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": BOTO_S3_ATTEMPTS},
+                                     "connect_timeout": 5}}
+# what the clients say once they have given up connecting: pyarrow's, botocore's (s3fs passes it on)
+UNREACHABLE = ("AWS Error NETWORK_CONNECTION", "Could not connect to the endpoint URL",
+               "Connect timeout on endpoint URL")
 
 
 def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -50,7 +67,8 @@ def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     S3 endpoint and credentials come from the standard AWS environment
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE).
     """
-    fs, path = fsspec.core.url_to_fs(uri)
+    options = BOTO_S3_OPTIONS if fsspec.utils.get_protocol(uri) in ("s3", "s3a") else {}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path.rstrip("/")
 
 
@@ -68,16 +86,45 @@ def to_pyarrow(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def native_s3() -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRIES)}
-    if endpoint:
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 client that keeps its retry strategy when pickled (pyarrow's own pickling drops
+    it, so Ray tasks and Ray Train workers retried 3 times in all): unpickled, it is made again
+    from the environment of the process it lands in, as s3fs is."""
+
+    def __reduce__(self):
+        return native_s3, ()
+
+
+def native_s3() -> RetryingS3FileSystem:
+    options: dict[str, Any] = {"retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=ARROW_S3_RETRIES)}
+    if endpoint := s3_endpoint():
         scheme, _, host = endpoint.partition("://")
         options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
+    if region := s3_region():
         options["region"] = region
-    return pafs.S3FileSystem(**options)
+    return RetryingS3FileSystem(**options)
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def store_unreachable(exn: BaseException) -> bool:
+    """Whether ``exn`` is, or wraps, an S3 request that gave up connecting after its retries. Read
+    from the text, causes included: Ray passes on a task's or worker's error as its traceback."""
+    text = "".join(traceback.format_exception(exn))
+    return any(marker in text for marker in UNREACHABLE)
+
+
+def unreachable_store_message() -> str:
+    """The one line a job ends with when its object store stays down."""
+    where = s3_endpoint() or f"AWS S3 ({s3_region() or 'default region'})"
+    return (f"the object store at {where} does not answer (gave up after about a minute of retries): "
+            f"run the job again once it is back; it redoes what it had not published")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ of ``LAKE/_lock.guard``. A record whose lease has expired, or whose holder ran o
 machine since its last boot (same ``boot_id``, not merely the same host name, which containers
 share) and is no longer running (its pid is gone or belongs to a process started later), is stale and is taken over with a conditional replace (S3 ``If-Match`` on the
 ETag read), so exactly one contender wins. A holder that cannot renew (someone took over
-after its lease ran out) is told by ``check()`` and stops before its next commit.
+after its lease ran out) is told by ``check()`` and stops before its next commit. A job whose
+object store stopped answering leaves its lock: releasing it would wait out the retries again.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from botocore.exceptions import BotoCoreError
+
 from rayclust.errors import UserError
-from rayclust.lake import Lake, is_local
+from rayclust.lake import Lake, is_local, store_unreachable
 
 LOCK = "_lock"
 DEFAULT_TTL_S = 300
@@ -287,7 +290,7 @@ class LakeLock:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self.renew()
-            except OSError:
+            except (OSError, BotoCoreError):  # s3fs passes botocore's connection errors on as they are
                 pass  # a blip: the next renewal retries well before the lease runs out
 
     def __enter__(self) -> "LakeLock":
@@ -295,5 +298,9 @@ class LakeLock:
         threading.Thread(target=self._renew_until_released, name="lake-lock", daemon=True).start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc is not None and store_unreachable(exc):
+            # releasing would wait out the retries again; the lease lets the next job take over
+            self._stop.set()
+            return
         self.release()

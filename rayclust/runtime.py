@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
+from ray.data import DataContext
 
 from rayclust.errors import UserError
+from rayclust.lake import store_unreachable
 
 LABELER_GPU_SHARE = 0.25  # a small MLP: four labelers share a GPU
 LABELER_CPUS = 0.25
@@ -20,10 +23,38 @@ WORKER_IDLE_KILL_MS = "60000"
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray."""
+    leave_retries_to_the_store_clients()
+    hide_store_outage_tracebacks()
     if ray.is_initialized():
         return
     keep_idle_workers()
     ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+
+
+def leave_retries_to_the_store_clients() -> None:
+    """Ray Data would retry a read that failed with an S3 error up to 10 more times, backing off up
+    to 32 s, on top of the S3 client's own retries (``rayclust.lake``): a store that stays down
+    would hold a job for some ten minutes. One layer retries: the client's."""
+    DataContext.get_current().retried_io_errors = []
+
+
+class HideStoreOutageTraceback(logging.Filter):
+    """Drops, from the terminal, what Ray Data logs of a failure because the object store stopped
+    answering (tracebacks, and a plea to report a Ray bug): the job reports it in one line
+    (``rayclust.cli.run_job``). Ray Data's log file keeps them. Ray Data logs some of these
+    records without the exception, from inside the handler that is dealing with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exn = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exn is None or not store_unreachable(exn)
+
+
+def hide_store_outage_tracebacks() -> None:
+    """On the driver: ``HideStoreOutageTraceback`` on the console handlers of Ray Data's logger."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, HideStoreOutageTraceback) for f in handler.filters):
+            handler.addFilter(HideStoreOutageTraceback())
 
 
 def keep_idle_workers() -> None:

@@ -86,10 +86,11 @@ class SeaweedS3:
         return self
 
     def filesystem(self):
-        """A fresh s3fs filesystem (no instance or listing cache shared with the code under test)."""
+        """A fresh s3fs filesystem on this server (no instance or listing cache shared with the code
+        under test), whatever endpoint the environment names."""
         import s3fs
 
-        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+        return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, endpoint_url=self.endpoint)
 
     def _wait_until_ready(self, timeout_s: float) -> None:
         deadline, problem = time.monotonic() + timeout_s, None

@@ -7,7 +7,8 @@ of the shards' images instead, made afresh every epoch by Ray Data CPU tasks (``
 through ``get_dataset_shard``);
 checkpoints go to ``LAKE/models/<run>/`` through ``ray.train.report``; ``LATEST`` is
 written only once training has finished and its last checkpoint is complete. Running
-again with the same ``run`` name resumes from that run's last checkpoint.
+again with the same ``run`` name resumes from that run's last checkpoint; so does a run whose
+worker dies (Ray Train's ``FailureConfig``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
@@ -49,6 +50,11 @@ MIN_STEPS_PER_EPOCH = 4
 # with fewer samples than clusters cannot even give every cluster one. A table with fewer rows
 # than this is refused: it cannot make one such batch.
 MIN_BATCH_PER_CLUSTER = 2
+# A worker that dies (killed, out of memory, its node lost) restarts the run from its last
+# checkpoint, this many times per run; a failure that repeats after that many restarts is one that
+# restarting does not fix (and a worker's UserError, repeated by every restart, reaches the user
+# that many restarts later). Preemptions have a budget of their own (FailureConfig's default).
+MAX_WORKER_FAILURES = 3
 
 
 @dataclass
@@ -201,6 +207,7 @@ def train(settings: TrainSettings) -> dict:
         run_config=RunConfig(
             name=run, storage_path=lake.path(MODELS), storage_filesystem=lake.arrow_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
             # Ray Train's controller logs a failure's traceback at INFO before fit() raises it with the same
             # traceback (or, for a UserError, before run_job prints it as one line): keep it off the terminal
             logging_config=LoggingConfig(log_level="WARNING"),
