@@ -5,10 +5,11 @@ features in ``shared/data/cifar10-test-effnetlite0.npz``, written as the embed j
 it: one Hive partition per shard, one Parquet file per 256-row block), same model (the
 library's ``build_model`` of the ``--model`` config), same loss, optimizer, batch size and
 torch threads (the job's single worker on 2 CPUs gets 1 CPU and 1 torch thread), same training
-pairs (``training_pairs`` with the config's neighbours, ``view_pair``).
+pairs (each row's views, and with the config's ``neighbours`` one of its nearest rows mined by
+``rayclust.neighbours.nearest_rows`` over the whole table; ``view_pair``).
 
-The plain loop reads the table once into memory (as a plain PyTorch script would) and
-shuffles indices each epoch. Both report samples/s per epoch over the training loop only
+The plain loop reads the table once into memory (as a plain PyTorch script would), mines the
+neighbours in-process and shuffles indices each epoch. Both report samples/s per epoch over the training loop only
 (the job prints it per epoch); steady state = mean of the epochs after the first.
 
     python benchmarks/train_throughput.py
@@ -59,23 +60,31 @@ def plain_loop(args) -> None:
     """Child process: the plain PyTorch loop. Prints one JSON line with per-epoch samples/s."""
     started = time.perf_counter()
     sys.path.insert(0, str(REPO))
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
     torch.set_num_threads(args.threads)
+    from rayclust.lake import list_to_numpy
     from rayclust.losses import contrastive_clustering_loss
     from rayclust.models import build_model, model_config
-    from rayclust.training import training_pairs, view_pair
+    from rayclust.neighbours import nearest_rows
+    from rayclust.training import view_pair
 
     files = sorted(Path(args.lake).glob("features/shard=*/*.parquet"))
     table = pa.concat_tables(pq.read_table(f, columns=["embedding", "views"]) for f in files)
     config = model_config(args.model)
-    pairs = {k: torch.from_numpy(v) for k, v in training_pairs(table, config.get("neighbours", 0)).items()}
-    rows = len(pairs["views"])
+    dim, k = len(table.column("embedding")[0]), config.get("neighbours", 0)
+    clean = list_to_numpy(table.column("embedding"), dim)
+    views = torch.from_numpy(np.concatenate(
+        [clean[:, None], list_to_numpy(table.column("views"), len(table.column("views")[0]), dim)], axis=1))
+    nearest = nearest_rows(clean, k)[0] if k else None
+    rows = len(views)
+    picks = np.random.default_rng(args.seed)
     loaded = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = build_model(config, pairs["views"].shape[2], args.clusters)
+    model = build_model(config, dim, args.clusters)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     generator = torch.Generator().manual_seed(args.seed + 1000)
     rates = []
@@ -86,7 +95,11 @@ def plain_loop(args) -> None:
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows - args.batch_size + 1, args.batch_size):  # drop_last
             batch = order[start:start + args.batch_size]
-            view_a, view_b = view_pair({k: v[batch] for k, v in pairs.items()}, generator)
+            pairs = {"views": views[batch]}
+            if nearest is not None:
+                chosen = nearest[batch.numpy(), picks.integers(k, size=len(batch))]
+                pairs["neighbour"] = torch.from_numpy(clean[chosen])
+            view_a, view_b = view_pair(pairs, generator)
             loss, parts = contrastive_clustering_loss(model(view_a, view_b))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

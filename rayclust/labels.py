@@ -134,6 +134,7 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
     description = checkpoint_description(lake, latest)
+    load_model(lake, latest)  # a damaged model fails here, in one line, not in every labeler actor
     if is_image_model(description["model_config"]):
         return infer_images(lake, latest, description, batch_size, evaluate)
     features = lake.newest_files(FEATURES)

@@ -43,6 +43,7 @@ LABELS = "labels"
 ERRORS = "errors"
 MODELS = "models"
 MANIFEST = "manifest"
+NEIGHBOURS = "neighbours"
 STAGING = "_staging"
 WRITE_ID = "write_id"
 # pyarrow (Parquet, listings, checkpoints): AWS's default strategy retries at once, then after

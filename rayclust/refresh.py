@@ -25,7 +25,7 @@ from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id, read_sam
 from rayclust.lock import DEFAULT_TTL_S, LakeLock
 from rayclust.manifest import (SourceShard, compact_manifest, list_source, manifest_entry, plan_refresh,
                                read_manifest, record_shards)
-from rayclust.models.checkpoint import CONFIG_FILE, latest_model
+from rayclust.models.checkpoint import CONFIG_FILE, latest_model, load_model
 from rayclust.runtime import init_ray, require_shared
 
 EXIT_DRIFT = 3
@@ -106,6 +106,7 @@ def refresh(settings: RefreshSettings) -> RefreshReport:
     source = list_source(settings.shards)
     lake = Lake.open(settings.lake)
     latest = latest_model(lake)
+    load_model(lake, latest)  # a damaged model fails here, in one line, not in every labeler actor
     with LakeLock(lake, "refresh", settings.lock_ttl_s) as lock:  # before Ray: a refused job costs seconds
         init_ray()
         require_shared(lake.uri, "lake")

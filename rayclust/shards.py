@@ -36,12 +36,27 @@ END_OF_SHARD = "end of shard"  # the error of a shard's last row, which counts t
 ROWS_PER_BLOCK = 256
 EXISTENCE_CHECKS = 32  # concurrent HEAD requests for a brace pattern's shards
 READ_CPUS = 0.25  # reading waits on the store; a whole CPU per read task starved decoding on small clusters
+# a shard's name is its partition's: Hive readers (pyarrow, Spark) decode %XX in it, and fsspec's
+# copies on S3 read * ? [ ] as a glob
+UNSAFE_IN_SHARD_NAMES = frozenset("%*?[]\\")
 
 
 def shard_name(uri: str) -> str:
     """The shard's partition name in the lake: its file name without ``.tar``."""
     name = posixpath.basename(uri.rstrip("/"))
     return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def check_shard_name(uri: str) -> None:
+    """Refuse a shard whose name would not read back as written from its partition's path."""
+    name = shard_name(uri)
+    unsafe = sorted({c for c in name if c in UNSAFE_IN_SHARD_NAMES or not c.isprintable()})
+    if not name:
+        raise UserError(f"shard {uri!r}: an empty file name cannot name a lake partition: rename the file")
+    if unsafe:
+        raise UserError(f"shard {uri!r}: its file name holds {' '.join(map(repr, unsafe))}, which a lake partition's "
+                        f"name cannot ({' '.join(sorted(UNSAFE_IN_SHARD_NAMES))} and control characters): "
+                        f"rename the file")
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -64,6 +79,8 @@ def expand_shards(pattern: str) -> list[str]:
         uris = [scheme + m for found in pool.map(matches, paths) for m in found]
     if not uris:
         raise UserError(f"no shards match {pattern}")
+    for uri in uris:
+        check_shard_name(uri)
     names = [shard_name(u) for u in uris]
     if len(set(names)) != len(names):
         raise UserError(f"two shards share a file name in {pattern}; shard names must be unique")
@@ -100,18 +117,29 @@ class SampleReader(FileBasedDatasource):
 
 
 def samples_of_tar(stream, path: str) -> Iterator[dict]:
-    """Rows for each sample of one tar stream, then one error row if the tar is damaged."""
-    from webdataset.tariterators import group_by_keys  # here: webdataset imports torch, which publishers never need
+    """Rows for each sample of one tar stream, an error row for each member that is no sample's
+    (its name as the key: plain data, like every key), then one error row if the tar is damaged."""
+    # here: webdataset imports torch, which publishers never need
+    from webdataset.tariterators import base_plus_ext, group_by_keys
 
     shard = shard_name(path)
     damage: list[str] = []
+    skipped: list[tuple[str, str]] = []  # (member name, reason)
 
     def stop_on_damage(exn: Exception) -> bool:
         damage.append(f"{type(exn).__name__}: {exn}")
         return False
 
-    for sample in group_by_keys(tar_members(stream, path, damage), handler=stop_on_damage):
+    def sample_key(name: str) -> tuple[str | None, str | None]:
+        key, suffix = base_plus_ext(name)
+        if key is None:  # webdataset would drop it without a word
+            skipped.append((name, f"member without a sample key: {name!r}"))
+        return key, suffix
+
+    for sample in group_by_keys(tar_members(stream, path, damage, skipped), keys=sample_key, handler=stop_on_damage):
         yield sample_row(sample, shard)
+    for name, reason in skipped:
+        yield {"key": name, "shard": shard, "error": reason}
     if damage:
         yield {"key": WHOLE_SHARD_KEY, "shard": shard, "error": f"damaged tar: {damage[0]}"}
 
@@ -126,15 +154,18 @@ def rows_of_shard(stream, path: str) -> Iterator[dict]:
     yield {"key": WHOLE_SHARD_KEY, "shard": shard_name(path), "error": END_OF_SHARD, "shard_rows": count}
 
 
-def tar_members(stream, path: str, damage: list[str]) -> Iterator[dict]:
-    """The regular files of a tar stream as webdataset's ``{fname, data, __url__}``. A tar that
-    breaks, or ends without its end-of-archive marker (an upload cut off between two members, which
-    tarfile reads as a normal end), adds a line to ``damage``."""
+def tar_members(stream, path: str, damage: list[str], skipped: list[tuple[str, str]]) -> Iterator[dict]:
+    """The regular files of a tar stream as webdataset's ``{fname, data, __url__}``; other members
+    but folders (links, devices) go to ``skipped``, never followed. A tar that breaks, or ends
+    without its end-of-archive marker (an upload cut off between two members, which tarfile reads
+    as a normal end), adds a line to ``damage``."""
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if info.isreg():
                     yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": path}
+                elif not info.isdir():
+                    skipped.append((info.name, f"not a regular file: {info.name!r}"))
             if not ends_with_marker(tar):
                 damage.append("cut short: no end-of-archive marker after the last member")
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exn:

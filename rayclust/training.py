@@ -1,8 +1,10 @@
 """Features (or images) become a model: Ray Train (TorchTrainer, DDP) trains a contrastive-clustering model.
 
-Workers stream the feature table through ``get_dataset_shard`` / ``iter_torch_batches``; an
-image model (``"input": "images"``) streams weak and strong views of the shards' images instead,
-made afresh every epoch by Ray Data CPU tasks (``rayclust.views``);
+Workers stream the feature table's files themselves, in a new seeded order every epoch
+(``rayclust.train_data``), with each row's nearest rows mined once per table
+(``rayclust.neighbours``); an image model (``"input": "images"``) streams weak and strong views
+of the shards' images instead, made afresh every epoch by Ray Data CPU tasks (``rayclust.views``,
+through ``get_dataset_shard``);
 checkpoints go to ``LAKE/models/<run>/`` through ``ray.train.report``; ``LATEST`` is
 written only once training has finished and its last checkpoint is complete. Running
 again with the same ``run`` name resumes from that run's last checkpoint; so does a run whose
@@ -17,32 +19,29 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
 from rayclust.evaluation import EVAL_ROWS, QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
-from rayclust.models import build_model, is_image_model, model_config, pretrained_state
-from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, load_model
-from rayclust.models.heads import co_assignments
+from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
+from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
+from rayclust.models.heads import ClusterHeads, CoAssignments
+from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
+from rayclust.train_data import feature_batches
 from rayclust.views import training_views
 
-MATERIALIZE_FRACTION = 0.25
-NEIGHBOUR_BLOCK = 10_000
 # A default batch too large for the table is lowered to give each epoch this many full steps:
 # one or two steps an epoch leave the optimizer too few updates to learn from a small corpus.
 MIN_STEPS_PER_EPOCH = 4
@@ -100,32 +99,21 @@ def plan_workers(requested: int | None) -> WorkerPlan:
 
 @dataclass(frozen=True)
 class FeatureTable:
-    """What training needs to know of the feature table, from one listing and one row."""
+    """What training needs to know of the feature table, from one listing, one row and the footers."""
 
     files: dict[str, str]  # shard -> path
-    bytes: int
-    dim: int
+    layout: TableRows
     views: int
     encoder: str
 
-    @property
-    def paths(self) -> list[str]:
-        return list(self.files.values())
-
 
 def feature_table(lake: Lake) -> FeatureTable:
-    listed = lake.list_table(FEATURES)
-    if not listed:
+    files = lake.newest_files(FEATURES)
+    if not files:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
-    files = {shard: info.path for shard, info in listed.items()}
     row = read_sample(lake, files, ["embedding", "views", "encoder"], 1)
-    return FeatureTable(files, sum(info.size for info in listed.values()), len(row.column("embedding")[0]),
-                        len(row.column("views")[0]), row.column("encoder")[0].as_py())
-
-
-def count_rows(lake: Lake, paths: list[str]) -> int:
-    """The rows of these Parquet files, from their footers alone (no column is read)."""
-    return pads.dataset(paths, filesystem=lake.arrow_fs, format="parquet").count_rows()
+    return FeatureTable(files, table_rows(lake, files, len(row.column("embedding")[0])), len(row.column("views")[0]),
+                        row.column("encoder")[0].as_py())
 
 
 def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clusters: int) -> int:
@@ -152,63 +140,6 @@ def check_pairs(views: int, model: str, config: dict) -> None:
     if views == 0 and not config.get("neighbours", 0):
         raise UserError(f"--model {model} pairs each row with its augmented views, but the feature table has none "
                         f"(embedded with --views 0): re-embed with --views 1 or more, or train a model with neighbours")
-
-
-def training_pairs(batch: pa.Table, neighbours: int) -> dict[str, np.ndarray]:
-    """What a step's pair is drawn from: each row's ``views`` [rows, 1+V, D] (clean first, then the
-    augmented views) and, with ``neighbours`` > 0, ``neighbours`` [rows, k, D]: the clean embeddings
-    of its k nearest rows (cosine) in this block of the table.
-    """
-    dim = len(batch.column("embedding")[0])
-    clean = list_to_numpy(batch.column("embedding"), dim)
-    views = list_to_numpy(batch.column("views"), len(batch.column("views")[0]), dim)
-    pairs = {"views": np.concatenate([clean[:, None], views], axis=1)}
-    if neighbours:
-        pairs["neighbours"] = clean[nearest_rows(clean, neighbours)]
-    return pairs
-
-
-def nearest_rows(features: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
-    """Indices [n, k] of each row's k most cosine-similar other rows (itself excluded). A block
-    with k rows or fewer fills the missing places with the row itself, so every block has k."""
-    unit = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
-    others = min(k, len(unit) - 1)
-    nearest = []
-    for start in range(0, len(unit), chunk):
-        similarity = unit[start:start + chunk] @ unit.T
-        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -2.0
-        nearest.append(similarity.topk(others, dim=1).indices)
-    itself = np.repeat(np.arange(len(unit))[:, None], k - others, axis=1)
-    return np.concatenate([torch.cat(nearest).numpy(), itself], axis=1)
-
-
-def training_dataset(lake: Lake, table: FeatureTable, neighbours: int) -> ray.data.Dataset:
-    """The feature table as training pairs, streamed from Parquet.
-
-    Neighbours are mined within blocks of NEIGHBOUR_BLOCK rows, so the cost stays linear in the
-    table. Re-reading Parquet costs seconds per epoch however small the table, so a table that
-    fits in a fraction of the object store is read once and every epoch iterates the object
-    store (Ray spills it to disk under pressure; no worker holds the whole table either way).
-    """
-    dataset = (
-        ray.data.read_parquet(table.paths, filesystem=lake.arrow_fs)
-        .select_columns(["embedding", "views"])
-        .map_batches(training_pairs, fn_kwargs={"neighbours": neighbours}, batch_size=NEIGHBOUR_BLOCK,
-                     batch_format="pyarrow")
-    )
-    dataset.context.execution_options.preserve_order = True  # the seeded shuffle repeats only over a fixed row order
-    store = ray.available_resources().get("object_store_memory", 0)
-    if table.bytes * (1 + neighbours / 2) <= MATERIALIZE_FRACTION * store:
-        return dataset.materialize()
-    return dataset
-
-
-def ingest_options(ordered: bool) -> ray.data.ExecutionOptions:
-    """Ray Train's ingest options; ``ordered`` keeps the table's row order so that a seed's
-    shuffle repeats (with one worker: several workers pull blocks as they come)."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = ordered
-    return options
 
 
 def image_training_dataset(uris: list[str], image_size: int) -> ray.data.Dataset:
@@ -250,19 +181,19 @@ def train(settings: TrainSettings) -> dict:
         dim, rows = config["image_size"], None  # counting images would read every shard
     else:
         check_pairs(table.views, settings.model, config)
-        dim, rows = table.dim, count_rows(lake, table.paths)
+        dim, rows = table.layout.dim, table.layout.total
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = plan_workers(settings.workers)
     batch_size = training_batch_size(settings, config, rows, plan.workers)
-    dataset = image_training_dataset(uris, dim) if table is None else \
-        training_dataset(lake, table, config.get("neighbours", 0))
+    neighbours = feature_neighbours(lake, table, config.get("neighbours", 0)) if table is not None else None
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
         "epochs": settings.epochs or config["epochs"], "self_label_epochs": self_label_epochs,
         "batch_size": batch_size,
-        "seed": settings.seed, "threads": plan.threads, "run": run, "shuffle_rows": shuffle_rows(images, batch_size),
+        "seed": settings.seed, "threads": plan.threads, "run": run,
+        "lake": lake.uri, "table": None if table is None else table.layout, "neighbours": neighbours,
         "encoder": None if table is None else table.encoder,
         "shards": absolute_pattern(settings.shards) if images else None,
         "init": settings.init, "init_weights": ray.put(init) if init else None,
@@ -281,8 +212,7 @@ def train(settings: TrainSettings) -> dict:
             # traceback (or, for a UserError, before run_job prints it as one line): keep it off the terminal
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest_options(ordered=not images)),
+        datasets={"train": image_training_dataset(uris, dim)} if table is None else None,
     )
     print(f"training {settings.model} run {run}: {plan.workers} worker(s), "
           f"{'GPU' if plan.use_gpu else f'{plan.cpus_per_worker} CPU each'}", flush=True)
@@ -294,6 +224,16 @@ def train(settings: TrainSettings) -> dict:
     if report:
         print(report, flush=True)
     return latest
+
+
+def feature_neighbours(lake: Lake, table: FeatureTable, k: int):
+    """The table's clean embeddings and each row's k nearest rows in the object store, mined
+    once per table (``rayclust.neighbours``); None for a model without neighbours."""
+    if not k:
+        return None
+    store, mined = neighbour_store(lake, table.layout, k, cpus=max(1, int(largest_node_cpus())))
+    print(mined, flush=True)
+    return store
 
 
 def training_batch_size(settings: TrainSettings, config: dict, rows: int | None, workers: int) -> int:
@@ -311,6 +251,8 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: int | None,
 
 
 def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, clusters: int) -> dict:
+    """Point ``LATEST`` at a finished run's checkpoint, only once that checkpoint loads: one cut
+    short or damaged leaves LATEST where it was."""
     relative = checkpoint_path[len(lake.root):].lstrip("/")
     latest = {
         "run": run,
@@ -320,6 +262,11 @@ def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, cl
         "metrics": metrics,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    try:
+        load_model(lake, latest)
+    except UserError as exn:
+        raise UserError(f"{exn}; LATEST unchanged") from None
+    latest[DIGEST] = digest_of(lake, latest)
     lake.write_json(latest, MODELS, "LATEST")
     return latest
 
@@ -366,25 +313,33 @@ def train_loop(config: dict) -> None:
             print(f"resumed run {config['run']} after epoch {saved['epoch']}", flush=True)
     consensus = saved.get("consensus", {}) if saved else {}  # how the cluster heads were aligned, once they are
     generator = torch.Generator().manual_seed(config["seed"] + 1000 * start_epoch)
-    shard = ray.train.get_dataset_shard("train")
+    batches = epoch_batches(config, rank, world)
     epochs = config["epochs"] + config["self_label_epochs"]
     threshold = hyper.get("self_label_threshold", SELF_LABEL_THRESHOLD)
     for epoch in range(start_epoch, epochs):
-        order = ShuffleOrder(config["shuffle_rows"], seed=config["seed"] * 10_000 + epoch * 100 + rank)
+        co_assigned = None
         if epoch < config["epochs"]:  # the last contrastive epoch also counts co-assignments to align the heads
-            last = epoch == config["epochs"] - 1
-            phase, step = "contrastive", functools.partial(contrastive_step, count_co_assignments=last)
+            if epoch == config["epochs"] - 1:
+                co_assigned = co_assignment_counter(model, config["clusters"])
+            phase, step = "contrastive", functools.partial(contrastive_step, co_assigned=co_assigned)
         else:
             phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
-        metrics = train_epoch(model, optimizer, shard, config["batch_size"], generator, order, step)
-        co_assigned = metrics.pop("co_assignments", None)
+        metrics = train_epoch(model, optimizer, batches(epoch), config["batch_size"], generator, step)
         metrics.update(epoch=epoch, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
             print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}", flush=True)
         if co_assigned is not None:
-            consensus = align_cluster_heads(model, co_assigned, rank)
+            consensus = align_cluster_heads(model, co_assigned.table(), rank)
         metrics.update(consensus)
         report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, consensus)
+
+
+def co_assignment_counter(model, clusters: int) -> CoAssignments | None:
+    """A counter for a model with several cluster heads to align; None for one head (the
+    pyramid model's twin heads are not ``ClusterHeads``)."""
+    cluster_head = getattr(unwrap(model), "cluster_head", None)
+    heads = len(cluster_head.heads) if isinstance(cluster_head, ClusterHeads) else 1
+    return CoAssignments(heads, clusters, ray.train.torch.get_device()) if heads > 1 else None
 
 
 def align_cluster_heads(model, co_assigned: torch.Tensor, rank: int) -> dict:
@@ -411,39 +366,32 @@ def epoch_summary(metrics: dict) -> str:
     return f"loss {metrics['loss']:.4f} ({parts}), {metrics['samples_per_second']:.0f} samples/s"
 
 
-@dataclass
-class ShuffleOrder:
-    """How a worker orders its rows in one epoch: batches drawn at random from a buffer of
-    ``rows``, seeded per run, epoch and worker so that a seed's batch order repeats."""
-
-    rows: int
-    seed: int
-
-
-def shuffle_rows(images: bool, batch_size: int) -> int:
-    """The shuffle buffer. Features: a whole neighbour block, so each epoch visits its rows in a
-    new random order; a buffer of a few batches over the table's fixed order brought CC-MLP's
-    bad seeds back (plain loop, 10 neighbours, seed 0: ACC 0.52 against 0.66 with a full
-    shuffle; docs/models.md). Images are large rows: a few batches."""
-    return 4 * batch_size if images else max(NEIGHBOUR_BLOCK, 4 * batch_size)
-
-
 Step = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
-def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Generator, order: ShuffleOrder,
-                step: Step) -> dict:
-    """One pass over the worker's shard; ``step`` turns a batch into (loss, parts to log: numbers
+def epoch_batches(config: dict, rank: int, world: int) -> Callable[[int], Iterable[dict[str, torch.Tensor]]]:
+    """epoch -> this worker's batches. Features: the table's files in a new seeded order
+    (``train_data``). Images: Ray Data's shard of freshly augmented views, mixed in a buffer of
+    a few batches (images are large rows)."""
+    device, batch_size, seed = ray.train.torch.get_device(), config["batch_size"], config["seed"]
+    if config["table"] is None:
+        shard = ray.train.get_dataset_shard("train")
+        return lambda epoch: shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed * 10_000 + epoch * 100 + rank, device=device)
+    neighbours = Neighbours(config["neighbours"]) if config["neighbours"] else None
+    return lambda epoch: feature_batches(config["lake"], config["table"], neighbours, batch_size, seed, epoch,
+                                         rank, world, device)
+
+
+def train_epoch(model, optimizer, batches: Iterable[dict[str, torch.Tensor]], batch_size: int,
+                generator: torch.Generator, step: Step) -> dict:
+    """One pass over the worker's batches; ``step`` turns a batch into (loss, parts to log: numbers
     or tensors, averaged over the epoch)."""
     model.train()
     totals: dict[str, float | torch.Tensor] = {}
     steps = samples = 0
     started = time.perf_counter()
-    batches = shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=order.rows,
-        local_shuffle_seed=order.seed,
-        device=ray.train.torch.get_device(),
-    )
     for batch in batches:
         loss, parts = step(model, batch, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -460,15 +408,13 @@ def train_epoch(model, optimizer, shard, batch_size: int, generator: torch.Gener
 
 
 def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator,
-                     count_co_assignments: bool = False):
-    """Contrastive Clustering's instance and cluster losses on a positive pair; when asked and the
-    model has several cluster heads, also which clusters they assign the first view to together
-    (for ``align_cluster_heads``)."""
+                     co_assigned: CoAssignments | None = None):
+    """Contrastive Clustering's instance and cluster losses on a positive pair; with a counter,
+    also counts which clusters the heads assign the first view to together (``align_cluster_heads``)."""
     outputs = model(*view_pair(batch, generator))
     loss, parts = contrastive_clustering_loss(outputs)
-    cluster_probabilities = per_cluster_head(outputs[0][2]).detach()
-    if count_co_assignments and len(cluster_probabilities) > 1:
-        parts["co_assignments"] = co_assignments(cluster_probabilities)
+    if co_assigned is not None:
+        co_assigned.add(per_cluster_head(outputs[0][2]).detach())
     return loss, parts
 
 
@@ -490,8 +436,8 @@ def self_labelling_step(model, batch: dict[str, torch.Tensor], generator: torch.
 
 def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A step's positive pair: an image model's weak and strong views; for features, one of each row's
-    views (clean or augmented) and either another of its views or, when the batch carries them, one
-    of its nearest neighbours, each drawn at random per row.
+    views (clean or augmented), drawn at random per row, and either another of its views or, when
+    the batch carries one, a nearest neighbour's clean embedding (drawn by ``train_data``).
     """
     if "weak" in batch:
         return batch["weak"].float(), batch["strong"].float()
@@ -499,10 +445,8 @@ def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tup
     rows = torch.arange(views.shape[0], device=views.device)
     order = torch.rand(views.shape[:2], generator=generator).argsort(1).to(views.device)
     first = views[rows, order[:, 0]]
-    if "neighbours" in batch:
-        neighbours = batch["neighbours"]
-        pick = torch.randint(neighbours.shape[1], (len(rows),), generator=generator).to(views.device)
-        return first, neighbours[rows, pick]
+    if "neighbour" in batch:
+        return first, batch["neighbour"]
     return first, views[rows, order[:, 1]]
 
 
@@ -529,7 +473,8 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        return load_tensors(os.path.join(directory, CHECKPOINT_FILE),
+                            f"resuming from {checkpoint.path}/{CHECKPOINT_FILE}")
 
 
 def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str]) -> QualityReport | None:

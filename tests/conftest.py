@@ -78,6 +78,16 @@ def shifted_with_noise(images: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.clip(moved + rng.normal(0, 0.05, moved.shape), 0, 1)
 
 
+class CreatesFile:
+    """Unpickling this creates ``path`` (as ``open(path, 'w')`` does): proof that a pickle was loaded."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 S3_BUCKET = "rayclust-test"
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
 S3_ENV_CLEARED = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")

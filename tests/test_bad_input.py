@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import TINY_ENCODER
+from conftest import TINY_ENCODER, CreatesFile
 
 GOOD = 20  # real samples in the mixed shard
 CUT_SAMPLES = 10  # real samples written to the shard that is then truncated
@@ -67,16 +67,6 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
             + chunk(b"IEND", b""))
-
-
-class CreatesFile:
-    """Unpickling this creates ``path`` (as ``open(path, 'w')`` does): proof that a pickle was loaded."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 # key -> words that its reason in LAKE/errors must contain (lower case)

@@ -1,15 +1,13 @@
 """The feature models' shapes and the properties the MFAVB paper names, and the training pairs."""
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config
-from rayclust.models.heads import co_assignments
-from rayclust.training import nearest_rows, training_pairs, view_pair
+from rayclust.models.heads import CoAssignments
+from rayclust.training import view_pair
 
 DIM, CLUSTERS, BATCH = 64, 5, 12
 
@@ -74,7 +72,10 @@ def test_cluster_heads_label_together_once_aligned_and_the_checkpoint_keeps_it(n
     clean = torch.randn(200, DIM)
     every_head = model(clean, clean)[0][2]
     assert every_head.shape == (3, 200, CLUSTERS)
-    reference, agreement = model.cluster_head.align(co_assignments(every_head))
+    counter = CoAssignments(3, CLUSTERS)
+    counter.add(every_head[:, :120])
+    counter.add(every_head[:, 120:])  # counted over batches
+    reference, agreement = model.cluster_head.align(counter.table())
     assert reference in (0, 2) and agreement[2 - reference] == 1.0
     aligned = [every_head[h][:, model.cluster_head.alignment[h]] for h in range(3)]
     torch.testing.assert_close(aligned[2], aligned[0])
@@ -100,26 +101,44 @@ def test_ccmlp_heads_and_a_loss_that_trains():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_nearest_rows_finds_the_closest_other_rows():
-    features = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0]], np.float32)
-    nearest = nearest_rows(features, 1, chunk=2)
-    assert nearest[:, 0].tolist() == [1, 0, 3, 2, 2]  # [-1, 0] is least unlike [0, 1]
-    assert nearest_rows(features[:2], 3).tolist() == [[1, 0, 0], [0, 1, 1]]  # a tiny last block still has k
-
-
-def test_training_pairs_carry_views_and_neighbours():
+def test_pairs_are_two_views_of_a_row_or_a_view_and_its_neighbour():
     rows, views = 6, 3
-    rng = np.random.default_rng(0)
-    batch = pa.table({
-        "embedding": pa.array(list(rng.standard_normal((rows, DIM)).astype(np.float32))),
-        "views": pa.array([list(v) for v in rng.standard_normal((rows, views, DIM)).astype(np.float32)]),
-    })
-    pairs = training_pairs(batch, neighbours=2)
-    assert pairs["views"].shape == (rows, 1 + views, DIM)
-    np.testing.assert_allclose(pairs["views"][:, 0], np.stack(batch.column("embedding").to_numpy(zero_copy_only=False)))
-    assert pairs["neighbours"].shape == (rows, 2, DIM)
-    tensors = {k: torch.from_numpy(v) for k, v in pairs.items()}
-    first, second = view_pair(tensors, torch.Generator().manual_seed(0))
-    assert first.shape == second.shape == (rows, DIM)
-    for row in range(rows):  # the second of each pair is one of that row's neighbours
-        assert any(torch.equal(second[row], n) for n in tensors["neighbours"][row])
+    generator = torch.Generator().manual_seed(0)
+    batch = {"views": torch.randn(rows, 1 + views, DIM)}
+    first, second = view_pair(batch, generator)
+    for row in range(rows):  # two different views of the same row
+        matches = [v for v in range(1 + views) if torch.equal(batch["views"][row, v], first[row])]
+        assert matches and not torch.equal(first[row], second[row])
+        assert any(torch.equal(batch["views"][row, v], second[row]) for v in range(1 + views))
+    batch["neighbour"] = torch.randn(rows, DIM)
+    first, second = view_pair(batch, generator)
+    assert torch.equal(second, batch["neighbour"])
+    assert all(any(torch.equal(batch["views"][r, v], first[r]) for v in range(1 + views)) for r in range(rows))
+
+
+def one_hot(assigned: torch.Tensor, clusters: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(assigned, clusters).float()
+
+
+def test_co_assignments_count_each_pair_of_clusters():
+    counter = CoAssignments(2, 3)
+    counter.add(torch.stack([one_hot(torch.tensor([0, 1, 2, 2]), 3), one_hot(torch.tensor([1, 1, 0, 0]), 3)]))
+    table = counter.table()
+    assert table[0, 1].tolist() == [[0, 1, 0], [0, 1, 0], [2, 0, 0]]
+    assert table[1, 0].tolist() == table[0, 1].T.tolist() and torch.equal(table[0, 0].diag(), torch.tensor([1., 1, 2]))
+
+
+def test_a_thousand_clusters_align_across_five_heads():
+    """K = 1,000: the counts stay one [H, H, K, K] tensor and the matching recovers a renumbering."""
+    clusters, heads, rows = 1000, 5, 20_000
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(clusters, (rows,), generator=generator)
+    renumberings = [torch.randperm(clusters, generator=generator) for _ in range(heads)]
+    counter = CoAssignments(heads, clusters)
+    for batch in torch.arange(rows).split(256):  # as training counts it: batch by batch
+        counter.add(torch.stack([one_hot(r[first[batch]], clusters) for r in renumberings]))
+    assert counter.counts.numel() == heads * heads * clusters * clusters
+    assert counter.table().sum() == heads * heads * rows
+    model_heads = build_model(model_config("ccmlp", cluster_heads=heads), DIM, clusters).cluster_head
+    reference, agreement = model_heads.align(counter.table())
+    assert agreement == [1.0] * heads

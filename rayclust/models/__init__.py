@@ -1,10 +1,13 @@
 """Clustering models; each one's hyper-parameters live as JSON in ``rayclust/model_configs/``."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported by build_model's callers; listing models (train.py --help) stays fast
     import torch
@@ -67,15 +70,15 @@ def pretrained_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tenso
 
     if not os.path.isfile(path):
         raise UserError(f"--init checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exn:  # a corrupt or non-tensor file fails in many ways; all mean "not usable"
-        raise UserError(f"--init {path}: not a checkpoint of tensors ({type(exn).__name__}: {exn})") from None
+        except Exception as exn:  # a damaged file fails in many ways; all mean "not usable"
+            raise UserError(f"--init {path}: not a safetensors file of tensors ({first_line(exn)})") from None
+    else:
+        state = load_tensors(path, f"--init {path}")
     for key in CHECKPOINT_WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -89,3 +92,28 @@ def pretrained_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tenso
     print(f"--init {path}: {len(matched)} of the model's {len(own)} tensors loaded, "
           f"{len(state) - len(matched)} of the checkpoint's unused", flush=True)
     return matched
+
+
+def load_tensors(source: str | bytes, name: str) -> Any:
+    """The content of a PyTorch file (a path, or its bytes) made of tensors and plain containers
+    only (``weights_only``). Anything else is a UserError that starts with ``name``: a file that
+    would unpickle other Python objects is refused, never run, and so is a damaged one."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # a newer pickle protocol is warned about in lines around the one error
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                              weights_only=True)
+    except pickle.UnpicklingError:  # torch's refusal of a global, or a pickle stream it cannot follow
+        raise UserError(f"{name}: refused: not a checkpoint of tensors alone (it holds other Python objects, "
+                        f"which are never unpickled, or it is damaged)") from None
+    except Exception as exn:  # a damaged file fails in many ways: zip, EOF, decoding, missing records
+        raise UserError(f"{name}: damaged: not a checkpoint of tensors ({first_line(exn)})") from None
+
+
+def first_line(exn: BaseException) -> str:
+    """An error's type and the first sentence of its message, for a one-line report."""
+    lines = str(exn).strip().splitlines()
+    message = lines[0].split(". ")[0] if lines else ""
+    return f"{type(exn).__name__}: {message}" if message else type(exn).__name__
