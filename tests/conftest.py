@@ -9,7 +9,9 @@ import secrets
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -128,13 +130,22 @@ def s3_server(s3_env, tmp_path_factory) -> SeaweedS3:
     The credentials in ``s3_env`` are given to weed as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
     which it makes its one (admin) identity: other keys and anonymous requests are refused.
     """
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), s3_env["port"], S3_BUCKET)
+    with seaweed_running(tmp_path_factory.mktemp("seaweedfs"), s3_env["port"], S3_BUCKET) as server:
+        yield server
+
+
+@contextmanager
+def seaweed_running(folder: Path, port: int, bucket: str) -> Iterator[SeaweedS3]:
+    """A started SeaweedFS S3 server, stopped on leaving; a server that cannot start fails the test."""
+    server = SeaweedS3(folder, port, bucket)
     try:
         server.start()
     except RuntimeError as exn:
         pytest.fail(str(exn))
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def job_env() -> dict[str, str]:

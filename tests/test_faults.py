@@ -22,7 +22,7 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import REPO, TINY_ENCODER, job_env, kill, wait_until
+from conftest import REPO, TINY_ENCODER, job_env, kill, seaweed_running, wait_until
 from rayclust.lake import MODELS, Lake
 from rayclust.seaweed import SeaweedS3, free_port_pair
 from test_small_corpus import job_lines
@@ -92,13 +92,8 @@ def test_a_killed_training_worker_restarts_the_run_from_its_last_checkpoint(tmp_
 def store(s3_env, tmp_path_factory) -> SeaweedS3:
     """This module's own SeaweedFS (the session's ``s3_server`` stays up for the other modules),
     with the session's credentials; the jobs are pointed at it."""
-    server = SeaweedS3(tmp_path_factory.mktemp("faults-s3"), free_port_pair(), BUCKET)
-    try:
-        server.start()
-    except RuntimeError as exn:
-        pytest.fail(str(exn))
-    yield server
-    server.stop()
+    with seaweed_running(tmp_path_factory.mktemp("faults-s3"), free_port_pair(), BUCKET) as server:
+        yield server
 
 
 def start_job(store: SeaweedS3, script: str, log: Path, *args: str) -> subprocess.Popen:
