@@ -94,13 +94,15 @@ def with_shard(rows: pa.Table, shard: str, error: str | None, shard_rows: int | 
 
 
 class Labeler:
-    """Actor: the LATEST model, loaded once, labels the good rows of batches of clean embeddings."""
+    """Actor: the LATEST model labels the good rows of batches of clean embeddings. The driver loads
+    it and hands it over: an actor that read it from the store would, if the store stopped
+    answering, end the job in Ray's report of a failed actor creation, not in one line."""
 
-    def __init__(self, lake: Lake, latest: dict, threads: int):
+    def __init__(self, model: torch.nn.Module, latest: dict, threads: int):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        self.model = load_model(lake, latest, self.device)
+        self.model = model.to(self.device)
         self.version = latest["model_version"]
         self.clusters = latest["clusters"]
 
@@ -123,9 +125,9 @@ def with_labels(batch: pa.Table, probabilities: np.ndarray, version: str) -> pa.
             .append_column("labeled_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC"))))
 
 
-def labeler_stage(lake: Lake, latest: dict, batch_size: int) -> Stage:
+def labeler_stage(model: torch.nn.Module, latest: dict, batch_size: int) -> Stage:
     return Stage(Labeler, batch_size=batch_size, num_cpus=LABELER_CPUS, num_gpus=labeler_gpus(), actors=labeler_pool(),
-                 kwargs={"lake": lake, "latest": latest, "threads": 1})
+                 kwargs={"model": model, "latest": latest, "threads": 1})
 
 
 def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bool = False) -> InferSummary:
@@ -134,16 +136,16 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
     description = checkpoint_description(lake, latest)
-    load_model(lake, latest)  # a damaged model fails here, in one line, not in every labeler actor
+    model = load_model(lake, latest)  # once, here: a damaged model fails in one line; the labelers get it
     if is_image_model(description["model_config"]):
-        return infer_images(lake, latest, description, batch_size, evaluate)
+        return infer_images(lake, model, latest, description, batch_size, evaluate)
     features = lake.newest_files(FEATURES)
     if not features:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
     with LakeLock(lake, "infer") as lock:
         init_ray()
         require_shared(lake.uri, "lake")
-        summary, label_files = infer_locked(lake, lock, latest, features, batch_size, redo)
+        summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo)
     print(summary, flush=True)
     report = evaluate_labels(lake, latest["clusters"], features, label_files) if evaluate else None
     if report:
@@ -151,8 +153,8 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     return summary
 
 
-def infer_locked(lake: Lake, lock: LakeLock, latest: dict, features: dict[str, str], batch_size: int,
-                 redo: bool) -> tuple[InferSummary, dict[str, str]]:
+def infer_locked(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dict, features: dict[str, str],
+                 batch_size: int, redo: bool) -> tuple[InferSummary, dict[str, str]]:
     """The summary, and each shard's label file after the run (shard -> path)."""
     started, write_id = time.time(), new_write_id()
     lake.discard_staging(keep=write_id)
@@ -161,7 +163,7 @@ def infer_locked(lake: Lake, lock: LakeLock, latest: dict, features: dict[str, s
     labelled = {} if redo else {s: fingerprint_of(p) for s, p in label_files.items()}
     todo = [s for s in features if labelled.get(s) != fingerprints[s][LABELS]]
     print(f"infer {len(features)} shards of {lake.uri} with {latest['model_version']}: {len(todo)} to label", flush=True)
-    committed = label_shards(lake, lock, latest, [features[s] for s in todo], batch_size, write_id,
+    committed = label_shards(lake, lock, model, latest, [features[s] for s in todo], batch_size, write_id,
                              fingerprints) if todo else CommitSummary()
     label_files.update({s: published_path(lake, LABELS, s, write_id, fingerprints[s][LABELS])
                         for s in committed.published})
@@ -169,13 +171,13 @@ def infer_locked(lake: Lake, lock: LakeLock, latest: dict, features: dict[str, s
                         len(features) - len(todo), committed.failures), label_files
 
 
-def label_shards(lake: Lake, lock: LakeLock, latest: dict, files: list[str], batch_size: int, write_id: str,
-                 fingerprints: dict[str, dict[str, str]]) -> CommitSummary:
+def label_shards(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dict, files: list[str],
+                 batch_size: int, write_id: str, fingerprints: dict[str, dict[str, str]]) -> CommitSummary:
     rows = ray.data.read_datasource(FeatureFileReader(files, ["key", "embedding"], filesystem=lake.arrow_fs),
                                     num_cpus=READ_CPUS)
     writer = Stage(write_pieces, num_cpus=WRITE_CPUS, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
                                                         "outputs": (Output(LABELS, LABEL_COLUMNS),)})
-    records = run(rows, labeler_stage(lake, latest, batch_size), writer)
+    records = run(rows, labeler_stage(model, latest, batch_size), writer)
     return commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS, Progress("infer", len(files)),
                                    fingerprints, before_publish=lock.check)
 
@@ -217,7 +219,8 @@ class ImageLabeler(Labeler):
         return with_labels(rows, probabilities, self.version)
 
 
-def infer_images(lake: Lake, latest: dict, description: dict, batch_size: int, evaluate: bool) -> InferSummary:
+def infer_images(lake: Lake, model: torch.nn.Module, latest: dict, description: dict, batch_size: int,
+                 evaluate: bool) -> InferSummary:
     """Label every image of the shards an image model trained on (recorded in its checkpoint).
 
     Re-running replaces those shards' labels and errors partitions; errors here come from the
@@ -235,7 +238,7 @@ def infer_images(lake: Lake, latest: dict, description: dict, batch_size: int, e
                       Stage(clean_images, batch_size=ROWS_PER_BLOCK,
                             kwargs={"image_size": description["model_config"]["image_size"]}),
                       Stage(ImageLabeler, batch_size=batch_size, batch_format="numpy", num_gpus=labeler_gpus(),
-                            actors=encoder_pool(), kwargs={"lake": lake, "latest": latest, "threads": 1}),
+                            actors=encoder_pool(), kwargs={"model": model, "latest": latest, "threads": 1}),
                       writer)
         committed = commit_as_shards_finish(records, lake, write_id, (LABELS, ERRORS), LABELS,
                                             Progress("infer", len(uris)), before_publish=lock.check)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
+import torch
 
 from rayclust.commit import Output, ShardResult, fingerprint_of, published_path
 from rayclust.drift import Drift, baseline, label_stats
@@ -106,18 +107,18 @@ def refresh(settings: RefreshSettings) -> RefreshReport:
     source = list_source(settings.shards)
     lake = Lake.open(settings.lake)
     latest = latest_model(lake)
-    load_model(lake, latest)  # a damaged model fails here, in one line, not in every labeler actor
+    model = load_model(lake, latest)  # once, here: a damaged model fails in one line; the labelers get it
     with LakeLock(lake, "refresh", settings.lock_ttl_s) as lock:  # before Ray: a refused job costs seconds
         init_ray()
         require_shared(lake.uri, "lake")
         if lock.took_over:
             print(f"took over the stale lock of {lock.took_over.describe()}", flush=True)
-        report = refresh_locked(lake, lock, source, latest, settings)
+        report = refresh_locked(lake, lock, source, latest, model, settings)
     report.seconds = time.time() - started
     return report
 
 
-def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest: dict,
+def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest: dict, model: torch.nn.Module,
                    settings: RefreshSettings) -> RefreshReport:
     write_id = new_write_id()
     lake.discard_staging(keep=write_id)
@@ -134,7 +135,7 @@ def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest
     print(f"refresh {lake.uri}: {len(source)} shards, {len(todo)} to process "
           f"({report.new} new, {report.changed} changed, {report.adopted} adopted, {report.deferred} deferred)",
           flush=True)
-    done = process_shards(lake, lock, todo, latest, report, settings, write_id, encoder, views) if todo else {}
+    done = process_shards(lake, lock, todo, latest, model, report, settings, write_id, encoder, views) if todo else {}
     compact_manifest(lake)
     report.drift = drift_of(lake, {**labels, **done}, latest, list(done), settings)
     return report
@@ -163,8 +164,9 @@ def footer_rows(lake: Lake, path: str) -> int:
     return pq.ParquetFile(path, filesystem=lake.arrow_fs).metadata.num_rows
 
 
-def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, report: RefreshReport,
-                   settings: RefreshSettings, write_id: str, encoder: str, views: int) -> dict[str, str]:
+def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, model: torch.nn.Module,
+                   report: RefreshReport, settings: RefreshSettings, write_id: str, encoder: str,
+                   views: int) -> dict[str, str]:
     """One pipeline over ``todo``; each shard's manifest row is written once it is published.
     Returns the label file of each shard done (shard -> path)."""
     by_name = {s.name: s for s in todo}
@@ -179,7 +181,7 @@ def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: 
         done[result.shard] = published_path(lake, LABELS, result.shard, write_id, labels)
 
     committed = embed_shards(lake, lock, todo, encoder, views, settings.batch_size, write_id,
-                             extra=(labeler_stage(lake, latest, settings.infer_batch_size),),
+                             extra=(labeler_stage(model, latest, settings.infer_batch_size),),
                              outputs=(Output(LABELS, LABEL_COLUMNS),), on_published=record,
                              labelled_by=latest["model_version"])
     report.samples, report.bad_samples, report.failures = committed.rows, committed.bad, committed.failures
