@@ -25,7 +25,7 @@ from conftest import REPO, TINY_ENCODER, job_env, kill, start_job, wait_until
 pytestmark = pytest.mark.slow
 
 SAMPLES = 40
-LAST = 21  # parts 6..LAST are embedded by the run that is killed: enough that they finish one by one
+LAST = 61  # parts 6..LAST are embedded by the run that is killed: enough that they finish in several waves
 CUT = "part-000009"
 CUT_IN_SAMPLE = 25  # the cut falls inside this sample's image
 
