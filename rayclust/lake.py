@@ -152,25 +152,21 @@ class Lake:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def list_table(self, table: str) -> dict[str, pafs.FileInfo]:
-        """shard -> its newest file in ``table`` (path and size): one recursive listing of the
-        table, by pyarrow, so no listing cache can hide another process's writes. A job lists
-        each table once and passes what it found along.
+    def newest_files(self, table: str) -> dict[str, str]:
+        """shard -> the path of its newest file in ``table``: one recursive listing of the table,
+        by pyarrow, so no listing cache can hide another process's writes. A job lists each
+        table once and passes what it found along.
 
         A partition holds one file, or, for a moment during a publish (or after a crash in
         one), also an older one: the newest write id is the complete one.
         """
-        by_shard: dict[str, list[pafs.FileInfo]] = defaultdict(list)
+        by_shard: dict[str, list[str]] = defaultdict(list)
         selector = pafs.FileSelector(self.path(table), recursive=True, allow_not_found=True)
         for info in self.arrow_fs.get_file_info(selector):
             folder, name = info.path.rsplit("/", 2)[-2:]
             if info.type == pafs.FileType.File and name.endswith(".parquet") and folder.startswith("shard="):
-                by_shard[folder.split("=", 1)[1]].append(info)
-        return {shard: max(infos, key=lambda i: i.base_name) for shard, infos in sorted(by_shard.items())}
-
-    def newest_files(self, table: str) -> dict[str, str]:
-        """shard -> the path of its newest file in ``table`` (``list_table``)."""
-        return {shard: info.path for shard, info in self.list_table(table).items()}
+                by_shard[folder.split("=", 1)[1]].append(info.path)
+        return {shard: max(paths, key=lambda p: p.rsplit("/", 1)[-1]) for shard, paths in sorted(by_shard.items())}
 
     def partition_files(self, table: str, shard: str) -> list[str]:
         """The files of one shard's partition, listed with pyarrow (workers use this)."""
