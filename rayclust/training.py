@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import pyarrow.compute as pc
 import ray
@@ -30,7 +30,6 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
-from rayclust.evaluation import EVAL_ROWS, QualityReport, compare_with_kmeans
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
@@ -38,9 +37,11 @@ from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, dig
 from rayclust.models.heads import ClusterHeads, CoAssignments
 from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
-from rayclust.shards import ROWS_PER_BLOCK, expand_shards, read_shards
+from rayclust.shards import ROWS_PER_BLOCK, count_images, expand_shards, read_shards
 from rayclust.train_data import feature_batches
-from rayclust.views import training_views
+
+if TYPE_CHECKING:
+    from rayclust.evaluation import QualityReport
 
 # A default batch too large for the table is lowered to give each epoch this many full steps:
 # one or two steps an epoch leave the optimizer too few updates to learn from a small corpus.
@@ -52,8 +53,7 @@ MIN_STEPS_PER_EPOCH = 4
 MIN_BATCH_PER_CLUSTER = 2
 # A worker that dies (killed, out of memory, its node lost) restarts the run from its last
 # checkpoint, this many times per run; a failure that repeats after that many restarts is one that
-# restarting does not fix (and a worker's UserError, repeated by every restart, reaches the user
-# that many restarts later). Preemptions have a budget of their own (FailureConfig's default).
+# restarting does not fix. Preemptions have a budget of their own (FailureConfig's default).
 MAX_WORKER_FAILURES = 3
 
 
@@ -144,6 +144,8 @@ def check_pairs(views: int, model: str, config: dict) -> None:
 
 def image_training_dataset(uris: list[str], image_size: int) -> ray.data.Dataset:
     """Weak and strong views of the shards' decodable images, streamed and re-augmented every epoch."""
+    from rayclust.views import training_views  # torchvision: seconds to import on every Ray Train worker otherwise
+
     return read_shards(uris).map_batches(training_views, fn_kwargs={"image_size": image_size},
                                          batch_size=ROWS_PER_BLOCK, batch_format="pyarrow")
 
@@ -185,8 +187,11 @@ def train(settings: TrainSettings) -> dict:
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_resume_checkpoint(lake, run)
     plan = plan_workers(settings.workers)
     batch_size = training_batch_size(settings, config, rows, plan.workers)
+    if images:
+        check_enough_images(uris, batch_size, plan.workers)
     neighbours = feature_neighbours(lake, table, config.get("neighbours", 0)) if table is not None else None
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
@@ -216,6 +221,9 @@ def train(settings: TrainSettings) -> dict:
     )
     print(f"training {settings.model} run {run}: {plan.workers} worker(s), "
           f"{'GPU' if plan.use_gpu else f'{plan.cpus_per_worker} CPU each'}", flush=True)
+    # Ray Train's workers send each print through a logger and to stdout: every epoch line twice.
+    # Ray Train hands this variable from the driver to the controller and its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     result = trainer.fit()
     latest = publish_latest(lake, run, result.checkpoint.path, result.metrics, settings.clusters)
     print(f"model {latest['model_version']} written; LATEST -> {latest['checkpoint']}", flush=True)
@@ -239,7 +247,7 @@ def feature_neighbours(lake: Lake, table: FeatureTable, k: int):
 def training_batch_size(settings: TrainSettings, config: dict, rows: int | None, workers: int) -> int:
     """The per-worker batch: the settings' or the model config's, fitted to a feature table of ``rows``
     rows (``fit_batch_size``). An image model's samples are not counted (that would read every shard):
-    too few of them for one batch end the first epoch with a UserError on the workers."""
+    too few of them are caught by ``check_enough_images``."""
     requested = settings.batch_size or config["batch_size"]
     if rows is None:
         return requested
@@ -248,6 +256,15 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: int | None,
         print(f"batch size {requested} -> {fitted} per worker: the feature table has {rows} rows "
               f"for {workers} worker(s)", flush=True)
     return fitted
+
+
+def check_enough_images(uris: list[str], batch_size: int, workers: int) -> None:
+    """Enough samples for a full batch on every worker, or a one-line error before Ray Train starts
+    (on the workers it would be a failure that every restart repeats)."""
+    needed = batch_size * workers
+    if (found := count_images(uris, needed)) < needed:
+        raise UserError(f"no full batch of {batch_size} samples per worker: the shards hold {found} images for "
+                        f"{workers} worker(s); lower --batch-size or --workers")
 
 
 def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, clusters: int) -> dict:
@@ -271,25 +288,28 @@ def publish_latest(lake: Lake, run: str, checkpoint_path: str, metrics: dict, cl
     return latest
 
 
-class HideUserErrorTraceback(logging.Filter):
-    """Drops, from the terminal, Ray Train's log of a training function's traceback when it ended in a
-    UserError: the job reports that as one line (``rayclust.cli.run_job``). Worker log files keep it."""
+class QuietTrainConsole(logging.Filter):
+    """What a worker's Ray Train logger may print on the terminal: warnings and errors (Ray 2.60's
+    workers print its INFO records, "Reporting training result ...", whatever LoggingConfig says),
+    but not the traceback of a training function that ended in a UserError: the job reports that as
+    one line (``rayclust.cli.run_job``). Worker log files keep everything."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         last_line = record.getMessage().rstrip().rsplit("\n", 1)[-1]
-        return not last_line.startswith(f"{UserError.__module__}.{UserError.__qualname__}:")
+        return record.levelno >= logging.WARNING and \
+            not last_line.startswith(f"{UserError.__module__}.{UserError.__qualname__}:")
 
 
-def hide_user_error_tracebacks() -> None:
-    """On a Ray Train worker: ``HideUserErrorTraceback`` on the console handlers of Ray Train's logger."""
+def quiet_train_console() -> None:
+    """On a Ray Train worker: ``QuietTrainConsole`` on the console handlers of Ray Train's logger."""
     for handler in logging.getLogger("ray.train").handlers:
         if isinstance(handler, logging.StreamHandler):
-            handler.addFilter(HideUserErrorTraceback())
+            handler.addFilter(QuietTrainConsole())
 
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    hide_user_error_tracebacks()
+    quiet_train_console()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -401,7 +421,7 @@ def train_epoch(model, optimizer, batches: Iterable[dict[str, torch.Tensor]], ba
             totals[name] = totals.get(name, 0.0) + value
         steps += 1
         samples += len(next(iter(batch.values())))
-    if steps == 0:
+    if steps == 0:  # images that do not decode can leave fewer than check_enough_images counted
         raise UserError(f"no full batch of {batch_size} samples per worker: lower --batch-size or --workers")
     means = {name: total / steps for name, total in totals.items()}
     return {**means, "samples_per_second": samples / (time.perf_counter() - started)}
@@ -469,6 +489,16 @@ def model_description(config: dict) -> dict:
     return {key: config[key] for key in keys}
 
 
+def check_resume_checkpoint(lake: Lake, run: str) -> None:
+    """The checkpoint a run named ``run`` would resume from, loaded on the driver: one that does not
+    load stops the job here in one line, where on the workers it would fail every restart."""
+    try:
+        resumed = ray.train.Result.from_path(lake.path(MODELS, run), storage_filesystem=lake.arrow_fs).checkpoint
+    except RuntimeError:  # no run state: a new run
+        return
+    load_training_state(resumed)
+
+
 def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
     if checkpoint is None:
         return None
@@ -480,6 +510,8 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
 def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str]) -> QualityReport | None:
     """ACC/NMI/ARI of the model and of k-means on the first EVAL_ROWS labelled rows of the
     feature files (shard -> path), if any."""
+    from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans  # scikit-learn: only the driver evaluates
+
     sample = read_sample(lake, features, ["label", "embedding"], EVAL_ROWS)
     sample = sample.filter(pc.is_valid(sample.column("label")))
     if sample.num_rows == 0:

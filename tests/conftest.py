@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -172,6 +174,63 @@ def wait_until(condition, process: subprocess.Popen, log: Path, what: str, timeo
 
 
 def kill(process: subprocess.Popen) -> None:
+    """The job and every process it started, dead on return: a Ray worker outside the job's process
+    group would otherwise finish (and publish) what it was doing after the job is gone."""
+    import psutil
+
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
+    for child in started:
+        with suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(started, timeout=30)
     process.wait()
+
+
+def job_command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "jobs" / script), *args]
+
+
+def run_train_job(lake: str, run: str, epochs: int, log: Path) -> subprocess.Popen:
+    """The train job on a digits lake (10 clusters, one self-labelling epoch) in its own process
+    group with its own local Ray, output to ``log``."""
+    return start_job(job_command("train.py", "--lake", lake, "--run", run, "--epochs", str(epochs),
+                                 "--self-label-epochs", "1", "--batch-size", "128", "--clusters", "10"), log)
+
+
+DIGITS_PER_SHARD = 900
+
+
+def write_digits_feature_lake(data: dict[str, np.ndarray], lake_uri: str, shards: int):
+    """The first ``shards`` x 900 of ``digits_features`` as a feature table (the last shard holds what is left)."""
+    from rayclust.features import write_feature_arrays
+    from rayclust.lake import Lake
+
+    lake = Lake.open(lake_uri)
+    for s in range(shards):
+        rows = slice(s * DIGITS_PER_SHARD, (s + 1) * DIGITS_PER_SHARD)
+        write_feature_arrays(lake, f"digits-{s:02d}", data["keys"][rows], data["labels"][rows],
+                             data["clean"][rows], data["views"][rows], "digits-pixels")
+    return lake
+
+
+RAY_PROCESS = re.compile(r"\((\w+ )?pid=\d+\)")  # a line a Ray worker or actor printed, forwarded by Ray
+RAY_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING) ")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def job_lines(output: str) -> list[str]:
+    """What the job itself wrote: without Ray's log records and forwarded worker output, Python's
+    warnings (and the source line they quote) or progress bars' cursor moves."""
+    lines, warned = [], False
+    for line in ANSI.sub("", output).replace("\r", "\n").splitlines():
+        quotes_source = warned and line.startswith("  ")
+        warned = "Warning: " in line
+        if not (quotes_source or warned or not line.strip() or RAY_PROCESS.search(line)
+                or RAY_LOG_RECORD.match(line)):
+            lines.append(line)
+    return lines

@@ -22,11 +22,10 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import REPO, TINY_ENCODER, job_env, kill, seaweed_running, wait_until
+from conftest import (REPO, TINY_ENCODER, job_env, job_lines, kill, run_train_job, seaweed_running, wait_until,
+                      write_digits_feature_lake)
 from rayclust.lake import MODELS, Lake
 from rayclust.seaweed import SeaweedS3, free_port_pair
-from test_small_corpus import job_lines
-from test_training import run_train_job, write_digits_feature_lake
 
 pytestmark = pytest.mark.slow
 

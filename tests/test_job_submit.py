@@ -3,7 +3,9 @@
 A head node runs as a subprocess (``ray start --head --block``, its own session, free ports, a
 private RAY_TMPDIR) with token authentication on, as Ray's docs set it up: RAY_AUTH_MODE=token and
 RAY_AUTH_TOKEN in the environment of the head and of the ``ray job`` CLI. embed -> train -> infer
-are submitted with the checkout as working dir against an s3:// lake (SeaweedFS), once per module.
+-> refresh (of one new shard) are submitted with the checkout as working dir against an s3:// lake
+(SeaweedFS), once per module. The store's secret key then appears in no job's output, log or
+metadata, no object of the lake (the lock while refresh holds it) and no file of the head's Ray.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,15 +20,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from conftest import REPO, TINY_ENCODER
+from conftest import REPO, TINY_ENCODER, kill
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # setup runs three jobs in a row
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # setup runs four jobs in a row
 
 RAY = str(Path(sys.executable).parent / "ray")
 SHARDS, SAMPLES, CLUSTERS = 2, 50, 5
@@ -92,21 +94,6 @@ def wait_for_job_server(head: Head, token: str, timeout_s: float = 180) -> None:
         time.sleep(1)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """``ray start --block`` stops its node's processes on SIGTERM; SIGKILL the group if it hangs."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # anything of the session left behind
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def head(s3_env, s3_server, tmp_path_factory):
     token = secrets.token_hex(32)
@@ -122,7 +109,7 @@ def head(s3_env, s3_server, tmp_path_factory):
         wait_for_job_server(node, token)
         yield node
     finally:
-        stop(process)
+        kill(process)  # a test head keeps nothing worth a graceful stop (which takes half a minute)
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
@@ -165,16 +152,33 @@ def jobs(head, s3_server) -> dict:
         runs[name] = submit(head, name, job, *flags)
         if runs[name].returncode != 0:
             break  # the later jobs need this one's output
-    return {"runs": runs, "root": root, "fs": s3_server.filesystem()}
+    fs, lock = s3_server.filesystem(), None
+    if all(run.returncode == 0 for run in runs.values()):
+        write_synthetic_shards(raw, 1, SAMPLES, classes=CLUSTERS, size=32, seed=2, first=SHARDS)
+        with ThreadPoolExecutor(1) as pool:
+            refresh = pool.submit(submit, head, "refresh", "refresh.py", "--shards", f"{raw}/*.tar", "--lake", lake)
+            while lock is None and not refresh.done():
+                lock = held(fs, f"{root}/lake/_lock")
+            runs["refresh"] = refresh.result()
+    return {"runs": runs, "root": root, "fs": fs, "lock": lock}
+
+
+def held(fs, path: str) -> bytes | None:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        time.sleep(0.2)
+        return None
 
 
 def test_embed_train_infer_succeed_as_submitted_jobs(head, jobs):
-    for name in ("embed", "train", "infer"):
+    for name in ("embed", "train", "infer", "refresh"):
         done = jobs["runs"].get(name)
         assert done is not None and done.returncode == 0, done and (done.stdout + done.stderr)[-4000:]
         assert job_api(head, submission_id(done))["status"] == "SUCCEEDED"
     assert "embedded 100 samples from 2 shards" in jobs["runs"]["embed"].stdout
     assert "labelled 100 samples of 2 shards with submitted/" in jobs["runs"]["infer"].stdout
+    assert jobs["lock"] is not None and b"refresh" in jobs["lock"], jobs["lock"]
 
 
 def test_submitted_jobs_wrote_one_feature_and_one_label_row_per_sample(jobs):
@@ -190,9 +194,32 @@ def test_submitted_jobs_wrote_one_feature_and_one_label_row_per_sample(jobs):
             FROM read_parquet('s3://{root}/lake/{table}/*/*.parquet', hive_partitioning = true,
                               hive_types = {{'shard': VARCHAR}})
             GROUP BY shard ORDER BY shard""").fetchall()
-        assert counts == [(f"part-{i:06d}", SAMPLES, SAMPLES) for i in range(SHARDS)], table
+        assert counts == [(f"part-{i:06d}", SAMPLES, SAMPLES) for i in range(SHARDS + 1)], table
     versions = con.execute(f"SELECT list(DISTINCT model_version) FROM read_parquet('s3://{root}/lake/labels/*/*.parquet')")
     assert versions.fetchone()[0] == [latest["model_version"]]
+
+
+def test_secrets_appear_in_no_job_output_log_metadata_lake_object_or_ray_file(head, jobs, s3_env):
+    fs, root = jobs["fs"], jobs["root"]
+    objects = {path: fs.cat_file(path) for path in fs.find(f"{root}/lake")}
+    assert {"models/LATEST", "manifest/manifest.parquet"} <= {p.split("/lake/", 1)[1] for p in objects}
+    assert any(p.endswith("/config.json") for p in objects)
+    jobs_seen = {}
+    for name, done in jobs["runs"].items():
+        jobs_seen[f"output of {name}"] = (done.stdout + done.stderr).encode()
+        jobs_seen[f"metadata of {name}"] = json.dumps(job_api(head, submission_id(done))).encode()
+        jobs_seen[f"log of {name}"] = job_api(head, f"{submission_id(done)}/logs")["logs"].encode()
+    ray_files = {str(p): p.read_bytes() for p in Path(head.env["RAY_TMPDIR"]).rglob("*")
+                 if p.is_file() and not p.is_symlink()}
+    assert any("/logs/" in p for p in ray_files), sorted(ray_files)[:20]
+    secret = s3_env["AWS_SECRET_ACCESS_KEY"]
+    assert holding(secret, jobs_seen) == []
+    assert holding(secret, {**objects, "_lock": jobs["lock"]}) == []
+    assert holding(secret, ray_files) == []
+
+
+def holding(secret: str, files: dict[str, bytes]) -> list[str]:
+    return sorted(name for name, data in files.items() if secret.encode() in data)
 
 
 def test_bad_flag_fails_the_job_with_one_error_line(head):

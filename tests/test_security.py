@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import REPO, TINY_ENCODER, CreatesFile, start_job, wait_until
+from conftest import REPO, TINY_ENCODER, CreatesFile, start_job
 
 CLUSTERS = 3
 FEATURE_DIM = 8
@@ -220,13 +220,6 @@ def files_holding(secret: str, files: dict[str, bytes]) -> list[str]:
     return sorted(name for name, data in files.items() if secret.encode() in data)
 
 
-def held_lock(fs, path: str) -> bytes | None:
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-
-
 @pytest.fixture
 def ray_files(monkeypatch):
     """RAY_TMPDIR for the jobs a test starts: where their Ray writes its session logs."""
@@ -236,46 +229,24 @@ def ray_files(monkeypatch):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_credentials_appear_in_no_output_log_or_lake_file(s3_server, s3_env, drawn_shards, ray_files, tmp_path,
-                                                         monkeypatch):
-    """embed, train and refresh on S3, then jobs that fail on S3 (a missing bucket; a wrong
-    secret): the secrets are in none of their output, none of the lake's objects (LATEST,
-    config.json, the manifest, the lock while it is held) and none of Ray's files."""
-    fs, bucket = s3_server.filesystem(), s3_server.bucket
-    for name in ("drawn-000000.tar", "drawn-000001.tar"):
-        fs.put_file(str(drawn_shards / name), f"{bucket}/secret-raw/{name}")
-    raw, lake = f"s3://{bucket}/secret-raw", f"s3://{bucket}/secret-lake"
+def test_credentials_appear_in_no_error_of_a_job_that_fails_on_s3(s3_server, s3_env, ray_files, tmp_path,
+                                                                 monkeypatch):
+    """Jobs that fail on S3 (a missing bucket; a wrong secret) name the problem in one line without
+    the secrets, in their output and in Ray's files. Jobs that succeed on S3: tests/test_job_submit.py."""
+    lake = f"s3://{s3_server.bucket}/secret-lake"
     outputs: dict[str, str] = {}
-    for name, args in {
-        "embed": ["embed.py", "--shards", f"{raw}/drawn-000000.tar", "--lake", lake, "--encoder", TINY_ENCODER,
-                  "--views", "1", "--batch-size", "64"],
-        "train": ["train.py", "--lake", lake, "--clusters", "4", "--epochs", "1", "--self-label-epochs", "0",
-                  "--batch-size", "32", "--run", "secret"],
-    }.items():
-        status, outputs[name] = run_to_end(args, tmp_path / f"{name}.log")
-        assert status == 0, outputs[name]
-    refresh = start_job([sys.executable, str(REPO / "jobs" / "refresh.py"), "--shards", f"{raw}/*.tar",
-                         "--lake", lake], tmp_path / "refresh.log")
-    lock = wait_until(lambda: held_lock(fs, f"{bucket}/secret-lake/_lock"), refresh, tmp_path / "refresh.log",
-                      "the lake's lock")
-    assert refresh.wait(timeout=600) == 0, (tmp_path / "refresh.log").read_text()
-    outputs["refresh"] = (tmp_path / "refresh.log").read_text()
     status, outputs["missing-bucket"] = run_to_end(
         ["embed.py", "--shards", "s3://no-such-bucket-rayclust/raw/x.tar", "--lake", lake], tmp_path / "bucket.log")
-    assert status != 0, outputs["missing-bucket"]
+    assert status != 0 and "no-such-bucket-rayclust" in outputs["missing-bucket"], outputs["missing-bucket"]
     wrong = secrets.token_hex(16)
     with monkeypatch.context() as patch:
         patch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
         status, outputs["wrong-secret"] = run_to_end(["infer.py", "--lake", lake], tmp_path / "wrong.log")
-    assert status != 0 and "Traceback" not in outputs["wrong-secret"], outputs["wrong-secret"]
-
-    objects = {path: fs.cat_file(path) for path in fs.find(f"{bucket}/secret-lake")}
-    assert {"models/LATEST", "manifest/manifest.parquet"} <= {p.split("/", 2)[2] for p in objects}
-    assert any(p.endswith("/config.json") for p in objects)
+    assert status != 0, outputs["wrong-secret"]
+    for name, output in outputs.items():
+        lines = [line for line in output.strip().splitlines() if not line.startswith("20")]  # Ray's start-up
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output, (name, output)
     ray_logs = {str(p): p.read_bytes() for p in ray_files.rglob("*") if p.is_file() and not p.is_symlink()}
-    assert any("/logs/" in p for p in ray_logs), sorted(ray_logs)[:20]
     for secret in (s3_env["AWS_SECRET_ACCESS_KEY"], wrong):
         assert files_holding(secret, {f"output of {k}": v.encode() for k, v in outputs.items()}) == []
-        assert files_holding(secret, {**objects, "_lock": lock}) == []
         assert files_holding(secret, ray_logs) == []

@@ -1,39 +1,34 @@
-"""Training on real features (scikit-learn's digits): Ray Train with several workers, checkpoints,
-LATEST and resume."""
+"""Training (rayclust.training) on real features, scikit-learn's digits: Ray Train with several
+workers, seeds, checkpoints, LATEST and resume; batch sizes fitted to small tables, tables without
+views, and an image model given too few images for a batch."""
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.dataset as pads
 import pytest
 import torch
+from sklearn.datasets import load_digits
 
+from rayclust.errors import UserError
 from rayclust.features import write_feature_arrays
-from rayclust.lake import FEATURES, MODELS, Lake
+from rayclust.labels import infer
+from rayclust.lake import FEATURES, LABELS, MODELS, Lake
 from rayclust.models import model_config
 from rayclust.models.checkpoint import load_model
-from rayclust.training import TrainSettings, evaluate_checkpoint, train
+from rayclust.synthetic import write_synthetic_shards
+from rayclust.training import TrainSettings, evaluate_checkpoint, fit_batch_size, train
 
-from conftest import REPO
+from conftest import RAY_PROCESS, REPO, job_lines, kill, run_train_job, write_digits_feature_lake
 
-ROWS_PER_SHARD = 900
 DIGITS = 1797
-
-
-def write_digits_feature_lake(data: dict[str, np.ndarray], lake_uri: str, shards: int) -> Lake:
-    """The first ``shards`` x 900 digits as a feature table (the last shard holds what is left)."""
-    lake = Lake.open(lake_uri)
-    for s in range(shards):
-        rows = slice(s * ROWS_PER_SHARD, (s + 1) * ROWS_PER_SHARD)
-        write_feature_arrays(lake, f"digits-{s:02d}", data["keys"][rows], data["labels"][rows],
-                             data["clean"][rows], data["views"][rows], "digits-pixels")
-    return lake
+DIGITS_BATCH_MESSAGE = "batch size 256 -> 50 per worker: the feature table has 200 rows for 1 worker(s)"
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +65,6 @@ def test_one_worker_run_repeats_with_its_seed(ray_session, real_feature_lake):
     assert first["loss"] == second["loss"] and first["kept"] == second["kept"], (first, second)
 
 
-def run_train_job(lake: str, run: str, epochs: int, log: Path) -> subprocess.Popen:
-    """The train job in its own process group (with its own local Ray), output to ``log``."""
-    command = [sys.executable, str(REPO / "jobs" / "train.py"), "--lake", lake, "--run", run,
-               "--epochs", str(epochs), "--self-label-epochs", "1", "--batch-size", "128", "--clusters", "10"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with open(log, "w") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def wait_for_checkpoint(lake: Lake, run: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -97,16 +83,14 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
     try:
         wait_for_checkpoint(lake, "resumable", first, first_log)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        kill(first)
     assert lake.read_json(MODELS, "LATEST") is None, "LATEST must wait for a finished run"
 
     second = run_train_job(lake.uri, "resumable", 3, second_log)
     try:
         second.wait(timeout=400)
     finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
+        kill(second)
     output = second_log.read_text()
     assert second.returncode == 0, output
     assert "resumed run resumable after epoch" in output, output
@@ -116,3 +100,82 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
     assert latest["model_version"] == "resumable/epoch-3"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
         assert json.load(f)["clusters"] == 10
+
+
+# --- small tables, tables without views, too few images -----------------------------------------
+
+def write_digits_lake(path, rows: int, views: int) -> Lake:
+    """The first ``rows`` digits (64 pixels scaled to [0, 1]) as a feature table, with ``views`` noisy copies each."""
+    digits = load_digits()
+    clean = (digits.data[:rows] / 16).astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 0.05, (rows, views, clean.shape[1])).astype(np.float32)
+    lake = Lake.open(str(path), create=True)
+    write_feature_arrays(lake, "digits", np.array([f"digit-{i}" for i in range(rows)]), digits.target[:rows],
+                         clean, clean[:, None] + noise, "digits")
+    return lake
+
+
+@pytest.mark.parametrize("batch, explicit, rows, workers, clusters, fitted", [
+    (256, False, 200, 1, 10, 50),  # four steps an epoch
+    (256, False, 2000, 1, 10, 256),  # already four steps or more
+    (256, False, 60, 1, 10, 20),  # four steps would be a batch of 15: two samples per cluster win
+    (256, False, 200, 2, 10, 25),
+    (64, True, 100, 1, 10, 64),  # explicit: kept while one batch fits
+])
+def test_batch_fits_the_table(batch, explicit, rows, workers, clusters, fitted):
+    assert fit_batch_size(batch, explicit, rows, workers, clusters) == fitted
+
+
+@pytest.mark.parametrize("batch, explicit, rows, workers, clusters, phrase", [
+    (256, False, 19, 1, 10, "too few for 10 clusters"),
+    (128, True, 200, 2, 10, "no full batch of 128"),
+])
+def test_a_batch_that_cannot_fit_is_refused(batch, explicit, rows, workers, clusters, phrase):
+    with pytest.raises(UserError, match=phrase):
+        fit_batch_size(batch, explicit, rows, workers, clusters)
+
+
+def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_session, tmp_path, capsys):
+    lake = write_digits_lake(tmp_path / "lake", rows=200, views=2)
+    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
+                                 run="small", evaluate=False))
+    assert capsys.readouterr().out.count(DIGITS_BATCH_MESSAGE) == 1
+    assert latest["model_version"] == "small/epoch-1"
+    infer(lake.uri)
+    labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive").to_table()
+    assert sorted(labels.column("key").to_pylist()) == sorted(f"digit-{i}" for i in range(200))
+
+
+def test_a_table_without_views_trains_a_model_with_neighbours(ray_session, tmp_path):
+    lake = write_digits_lake(tmp_path / "lake", rows=200, views=0)
+    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
+                                 run="no-views", evaluate=False))
+    assert latest["metrics"]["phase"] == "self-labelling"
+    assert np.isfinite(latest["metrics"]["loss"])
+
+
+def test_a_table_without_views_is_refused_for_a_model_without_neighbours(tmp_path):
+    lake = write_digits_lake(tmp_path / "lake", rows=200, views=0)
+    with pytest.raises(UserError, match="--views 0"):
+        train(TrainSettings(lake.uri, "ccmlp", overrides={"neighbours": 0}))
+
+
+def test_too_few_images_for_a_batch_end_the_job_in_one_line_before_training(tmp_path):
+    """An image model's samples are counted on the driver only as far as one batch per worker
+    needs: 20 images for a batch of 128 stop the job before Ray Train starts, not after every
+    restart of a worker that found no batch."""
+    shards = write_synthetic_shards(str(tmp_path / "shards"), shards=1, per_shard=20)
+    command = [sys.executable, str(REPO / "jobs" / "train.py"), "--lake", str(tmp_path / "lake"),
+               "--model", "pyramid", "--shards", shards[0], "--epochs", "1", "--run", "too-few"]
+    # Ray's workers import rayclust from this checkout, not from wherever it is installed
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert run.returncode == 1, run.stderr
+    assert job_lines(run.stderr) == ["error: no full batch of 128 samples per worker: the shards hold 20 images "
+                                     "for 1 worker(s); lower --batch-size or --workers"], run.stderr
+    assert "training pyramid run" not in run.stdout, run.stdout
+    output = run.stdout + run.stderr
+    assert "rayclust.errors.UserError" not in output, output  # its traceback: the driver's, a worker's, the controller's
+    # Ray's own processes may log tracebacks of their own trouble, unrelated to the job's: Ray Train's controller
+    # when a resource request times out on a loaded machine, its PlacementGroupCleaner where several local Rays run
+    assert not [line for line in output.splitlines() if "Traceback" in line and not RAY_PROCESS.search(line)], output

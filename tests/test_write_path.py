@@ -1,8 +1,8 @@
 """The write path end to end, with the jobs run as users run them (subprocesses, each with its own
 local Ray) on a local lake of drawn JPEG shards (``rayclust.synthetic``; no ../shared):
 
-1. an embed and a refresh started while the other holds the lake (both orders): the second is
-   turned away with one line, the first finishes, and every shard has exactly its rows;
+1. a refresh started while an embed holds the lake is turned away with one line, the embed
+   finishes, and every shard has exactly its rows (the other order: tests/test_refresh.py);
 2. an embed killed as soon as its first shard is published keeps that shard, and run again does
    only the rest;
 3. a shard cut off in the middle of a member (a partial upload) is recorded as damaged, with the
@@ -102,15 +102,6 @@ def embed_then_refresh(trained_lake, source) -> dict:
         job("refresh.py", "--shards", shards(source, 0, 5), "--lake", str(lake)), lake.parent / "embed.log")
 
 
-@pytest.fixture(scope="module")
-def refresh_then_embed(embed_then_refresh, trained_lake, source) -> dict:
-    lake = trained_lake
-    return second_job_while_first_holds_the_lake(
-        lake, job("refresh.py", "--shards", shards(source, 0, 5), "--lake", str(lake)),
-        job("embed.py", "--shards", shards(source, 6, 6), "--lake", str(lake), "--encoder", TINY_ENCODER,
-            "--views", "1"), lake.parent / "refresh.log")
-
-
 def assert_refused_in_one_line(outcome: dict, holder_job: str) -> None:
     refused = outcome["refused"]
     assert refused.returncode == 1, refused.stderr
@@ -127,17 +118,8 @@ def test_refresh_started_during_an_embed_is_turned_away_and_the_embed_finishes(e
         f"part-{i:06d}": (SAMPLES, SAMPLES) for i in range(5)}
 
 
-def test_embed_started_during_a_refresh_is_turned_away_and_the_refresh_finishes(refresh_then_embed, trained_lake):
-    assert_refused_in_one_line(refresh_then_embed, "refresh")
-    assert refresh_then_embed["holder"].returncode == 0, refresh_then_embed["log"]
-    expected = {f"part-{i:06d}": (SAMPLES, SAMPLES) for i in range(6)}
-    assert rows_by_shard(trained_lake, "features") == expected
-    assert rows_by_shard(trained_lake, "labels") == expected
-    assert not list(trained_lake.glob("_staging/*")) and not (trained_lake / "_lock").exists()
-
-
 @pytest.fixture(scope="module")
-def killed_and_rerun(refresh_then_embed, trained_lake, source) -> dict:
+def killed_and_rerun(embed_then_refresh, trained_lake, source) -> dict:
     lake, log = trained_lake, trained_lake.parent / "killed.log"
     command = job("embed.py", "--shards", shards(source, 6, LAST), "--lake", str(lake), "--encoder", TINY_ENCODER,
                   "--views", "1", "--batch-size", "16")

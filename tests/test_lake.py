@@ -1,7 +1,9 @@
-"""embed -> train -> infer against a real S3 API (SeaweedFS ``weed mini``), and once on local paths.
+"""The lake (rayclust.lake) on a real S3 API (SeaweedFS ``weed mini``): the tables embed -> train ->
+infer write there, as pyarrow and DuckDB read them.
 
-The S3 flow runs once (module fixture) on two drawn JPEG shards uploaded to
-``s3://BUCKET/raw/``; the tests then check what landed in ``s3://BUCKET/lake``.
+The flow runs once (module fixture) on two drawn JPEG shards uploaded to ``s3://BUCKET/raw/``;
+the tests then check what landed in ``s3://BUCKET/lake``. The same on a local lake:
+tests/test_features.py.
 """
 from __future__ import annotations
 
@@ -42,15 +44,6 @@ def s3_pipeline(s3_server, raw_on_s3, ray_session) -> dict:
     inferred = infer(lake, batch_size=512)
     return {"lake": lake, "embedded": embedded, "latest": latest, "inferred": inferred,
             "fs": s3_server.filesystem(), "root": f"{s3_server.bucket}/lake"}
-
-
-def test_brace_ranges_and_globs_expand_on_s3(raw_on_s3):
-    from rayclust.shards import expand_shards
-
-    expected = [f"{raw_on_s3}/{name}" for name in SHARDS]
-    assert expand_shards(f"{raw_on_s3}/drawn-{{000000..000001}}.tar") == expected
-    assert expand_shards(f"{raw_on_s3}/*.tar") == expected
-    assert expand_shards(f"{raw_on_s3}/drawn-00000[01].tar") == expected
 
 
 def test_feature_table_on_s3_has_every_sample_as_plain_lists(s3_pipeline):
@@ -101,21 +94,3 @@ def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline):
         ANTI JOIN read_parquet('s3://{root}/labels/*/*.parquet') l USING (key)
     """).fetchone()[0]
     assert unlabelled == 0
-
-
-def test_local_lake_end_to_end(ray_session, drawn_shards, tmp_path):
-    from rayclust.features import embed
-    from rayclust.labels import infer
-    from rayclust.training import TrainSettings, train
-
-    lake = str(tmp_path / "lake")
-    embedded = embed(str(drawn_shards / "drawn-00000{2..2}.tar"), lake, TINY_ENCODER, views=2,
-                     batch_size=64)
-    train(TrainSettings(lake, clusters=CLUSTERS, epochs=1, batch_size=64, run="local", self_label_epochs=1))
-    inferred = infer(lake, batch_size=512)
-    assert embedded.samples == inferred.rows == SAMPLES
-    assert json.loads((tmp_path / "lake" / "models" / "LATEST").read_text())["model_version"] == "local/epoch-1"
-    labels = duckdb.execute(f"""SELECT count(*), count(DISTINCT key), min(cluster), max(cluster), min(confidence)
-                            FROM read_parquet('{lake}/labels/*/*.parquet')""").fetchone()
-    assert labels[0] == labels[1] == SAMPLES
-    assert 0 <= labels[2] <= labels[3] < CLUSTERS and labels[4] > 0

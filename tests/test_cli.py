@@ -1,4 +1,5 @@
-"""User mistakes end a job with one line on stderr and a non-zero exit: no traceback, no Ray.
+"""The jobs' command lines (rayclust.cli): user mistakes end a job with one line on stderr and a
+non-zero exit, no traceback, no Ray; a UserError raised in a Ray task is found behind Ray's wrapper.
 
 Each job script runs as a subprocess with ``RAY_ADDRESS`` set to something that is not an
 address: a job that reached ``init_ray()`` before validating its arguments would fail at once
@@ -16,6 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import ray
+
+from rayclust.cli import user_error
+from rayclust.errors import UserError
 
 from conftest import REPO, TINY_ENCODER
 
@@ -99,3 +104,15 @@ def test_help_exits_zero_and_lists_every_flag(job, tmp_path):
     assert "Traceback" not in run.stderr
     for flag in flags:
         assert flag in run.stdout, f"{job} --help does not mention {flag}"
+
+
+def test_a_ray_task_s_user_error_is_found_behind_ray_s_wrapper(ray_session):
+    @ray.remote
+    def refuse() -> None:
+        raise UserError("the task refused")
+
+    with pytest.raises(Exception) as task:
+        ray.get(refuse.remote())
+    assert str(task.value) != "the task refused"  # Ray's wrapper: the remote traceback
+    assert str(user_error(task.value)) == "the task refused"
+    assert user_error(RuntimeError("a bug")) is None

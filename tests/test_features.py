@@ -1,4 +1,5 @@
-"""Damaged and hostile shards never fail a job: good samples are embedded, bad ones are recorded.
+"""Embed (rayclust.features) on a local lake: damaged and hostile shards never fail a job, good
+samples are embedded and bad ones recorded; train and infer then label every feature row once.
 
 One shard mixes real drawn JPEG samples with broken ones (corrupt, truncated, missing, fake and
 oversized images, and pickles that must never be loaded); a second shard is a tar cut off in
