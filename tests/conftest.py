@@ -202,6 +202,18 @@ def run_train_job(lake: str, run: str, epochs: int, log: Path) -> subprocess.Pop
                                  "--self-label-epochs", "1", "--batch-size", "128", "--clusters", "10"), log)
 
 
+def recorded_epochs(lake, run: str) -> list[int]:
+    """The epochs whose checkpoints Ray Train has recorded (its checkpoint manager's snapshot): a
+    restart or a rerun resumes after the newest. (A checkpoint uploaded but not yet recorded is not used.)"""
+    from rayclust.lake import MODELS
+
+    try:
+        snapshot = lake.read_json(MODELS, run, "checkpoint_manager_snapshot.json") or {}
+    except ValueError:  # being written
+        return []
+    return [result["metrics"]["epoch"] for result in snapshot.get("checkpoint_results", [])]
+
+
 DIGITS_PER_SHARD = 900
 
 

@@ -22,9 +22,9 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import (REPO, TINY_ENCODER, job_env, job_lines, kill, run_train_job, seaweed_running, wait_until,
-                      write_digits_feature_lake)
-from rayclust.lake import MODELS, Lake
+from conftest import (REPO, TINY_ENCODER, job_env, job_lines, kill, recorded_epochs, run_train_job, seaweed_running,
+                      wait_until, write_digits_feature_lake)
+from rayclust.lake import MODELS
 from rayclust.seaweed import SeaweedS3, free_port_pair
 
 pytestmark = pytest.mark.slow
@@ -53,16 +53,6 @@ def training_worker(job: subprocess.Popen) -> psutil.Process:
         except psutil.NoSuchProcess:
             continue
     raise AssertionError("the training job has no RayTrainWorker process")
-
-
-def recorded_epochs(lake: Lake, run: str) -> list[int]:
-    """The epochs whose checkpoints Ray Train has recorded (its checkpoint manager's snapshot): a
-    restart resumes after the newest. (A checkpoint uploaded but not yet recorded is not used.)"""
-    try:
-        snapshot = lake.read_json(MODELS, run, "checkpoint_manager_snapshot.json") or {}
-    except ValueError:  # being written
-        return []
-    return [result["metrics"]["epoch"] for result in snapshot.get("checkpoint_results", [])]
 
 
 def test_a_killed_training_worker_restarts_the_run_from_its_last_checkpoint(tmp_path, digits_features):

@@ -7,8 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -25,7 +23,8 @@ from rayclust.models.checkpoint import load_model
 from rayclust.synthetic import write_synthetic_shards
 from rayclust.training import TrainSettings, evaluate_checkpoint, fit_batch_size, train
 
-from conftest import RAY_PROCESS, REPO, job_lines, kill, run_train_job, write_digits_feature_lake
+from conftest import (RAY_PROCESS, REPO, job_lines, kill, recorded_epochs, run_train_job, wait_until,
+                      write_digits_feature_lake)
 
 DIGITS = 1797
 DIGITS_BATCH_MESSAGE = "batch size 256 -> 50 per worker: the feature table has 200 rows for 1 worker(s)"
@@ -65,23 +64,12 @@ def test_one_worker_run_repeats_with_its_seed(ray_session, real_feature_lake):
     assert first["loss"] == second["loss"] and first["kept"] == second["kept"], (first, second)
 
 
-def wait_for_checkpoint(lake: Lake, run: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if lake.fs.glob(lake.path(MODELS, run, "checkpoint_*", "model.pt")):
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"training ended before its first checkpoint:\n{log.read_text()}")
-        time.sleep(0.5)
-    raise AssertionError("no checkpoint within the timeout")
-
-
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
     lake = write_digits_feature_lake(digits_features, str(tmp_path / "lake"), shards=1)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = run_train_job(lake.uri, "resumable", 40, first_log)
     try:
-        wait_for_checkpoint(lake, "resumable", first, first_log)
+        wait_until(lambda: recorded_epochs(lake, "resumable"), first, first_log, "a recorded checkpoint")
     finally:
         kill(first)
     assert lake.read_json(MODELS, "LATEST") is None, "LATEST must wait for a finished run"
