@@ -136,6 +136,15 @@ def s3_server(s3_env, tmp_path_factory) -> SeaweedS3:
         yield server
 
 
+@pytest.fixture(scope="session")
+def drawn_shards_on_s3(s3_server, drawn_shards) -> str:
+    """``s3://BUCKET/drawn``: the first two drawn shards, uploaded once; tests only read them."""
+    fs = s3_server.filesystem()
+    for name in ("drawn-000000.tar", "drawn-000001.tar"):
+        fs.put_file(str(drawn_shards / name), f"{s3_server.bucket}/drawn/{name}")
+    return f"s3://{s3_server.bucket}/drawn"
+
+
 @contextmanager
 def seaweed_running(folder: Path, port: int, bucket: str) -> Iterator[SeaweedS3]:
     """A started SeaweedFS S3 server, stopped on leaving; a server that cannot start fails the test."""

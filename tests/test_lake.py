@@ -1,7 +1,7 @@
 """The lake (rayclust.lake) on a real S3 API (SeaweedFS ``weed mini``): the tables embed -> train ->
 infer write there, as pyarrow and DuckDB read them.
 
-The flow runs once (module fixture) on two drawn JPEG shards uploaded to ``s3://BUCKET/raw/``;
+The flow runs once (module fixture) on two drawn JPEG shards uploaded to ``s3://BUCKET/drawn/``;
 the tests then check what landed in ``s3://BUCKET/lake``. The same on a local lake:
 tests/test_features.py.
 """
@@ -17,27 +17,18 @@ import pytest
 
 from conftest import TINY_ENCODER
 
-SHARDS = ["drawn-000000.tar", "drawn-000001.tar"]
 SAMPLES = 100  # per drawn shard
 CLUSTERS = 10
 
 
 @pytest.fixture(scope="module")
-def raw_on_s3(s3_server, drawn_shards) -> str:
-    fs = s3_server.filesystem()
-    for name in SHARDS:
-        fs.put_file(str(drawn_shards / name), f"{s3_server.bucket}/raw/{name}")
-    return f"s3://{s3_server.bucket}/raw"
-
-
-@pytest.fixture(scope="module")
-def s3_pipeline(s3_server, raw_on_s3, ray_session) -> dict:
+def s3_pipeline(s3_server, drawn_shards_on_s3, ray_session) -> dict:
     from rayclust.features import embed
     from rayclust.labels import infer
     from rayclust.training import TrainSettings, train
 
     lake = f"s3://{s3_server.bucket}/lake"
-    embedded = embed(f"{raw_on_s3}/drawn-{{000000..000001}}.tar", lake, TINY_ENCODER, views=2,
+    embedded = embed(f"{drawn_shards_on_s3}/drawn-{{000000..000001}}.tar", lake, TINY_ENCODER, views=2,
                      batch_size=64)
     latest = train(TrainSettings(lake, "mfavb", clusters=CLUSTERS, epochs=2, batch_size=64, run="s3-run",
                                  self_label_epochs=1))

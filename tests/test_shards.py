@@ -3,27 +3,17 @@ driver counts a corpus's images only as far as it needs. How damaged and hostile
 tests/test_features.py, tests/test_security.py, tests/test_write_path.py."""
 from __future__ import annotations
 
-import pytest
-
 from rayclust.shards import count_images, expand_shards
 from rayclust.synthetic import write_synthetic_shards
 
 SHARDS = ["drawn-000000.tar", "drawn-000001.tar"]
 
 
-@pytest.fixture(scope="module")
-def raw_on_s3(s3_server, drawn_shards) -> str:
-    fs = s3_server.filesystem()
-    for name in SHARDS:
-        fs.put_file(str(drawn_shards / name), f"{s3_server.bucket}/shards-raw/{name}")
-    return f"s3://{s3_server.bucket}/shards-raw"
-
-
-def test_brace_ranges_and_globs_expand_on_s3(raw_on_s3):
-    expected = [f"{raw_on_s3}/{name}" for name in SHARDS]
-    assert expand_shards(f"{raw_on_s3}/drawn-{{000000..000001}}.tar") == expected
-    assert expand_shards(f"{raw_on_s3}/*.tar") == expected
-    assert expand_shards(f"{raw_on_s3}/drawn-00000[01].tar") == expected
+def test_brace_ranges_and_globs_expand_on_s3(drawn_shards_on_s3):
+    expected = [f"{drawn_shards_on_s3}/{name}" for name in SHARDS]
+    assert expand_shards(f"{drawn_shards_on_s3}/drawn-{{000000..000001}}.tar") == expected
+    assert expand_shards(f"{drawn_shards_on_s3}/*.tar") == expected
+    assert expand_shards(f"{drawn_shards_on_s3}/drawn-00000[01].tar") == expected
 
 
 def test_images_are_counted_only_as_far_as_asked(tmp_path):
