@@ -24,10 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CIFAR_FEATURES, REPO, cifar_pattern, header, table  # noqa: E402
+
+if TYPE_CHECKING:
+    import numpy as np
 
 sys.path.insert(0, str(REPO))
 
@@ -50,7 +54,7 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
 ROWS_PER_SHARD = 1000
 
 
-def build_lake(lake_uri: str) -> tuple[dict[str, int], "np.ndarray"]:
+def build_lake(lake_uri: str) -> tuple[dict[str, int], np.ndarray]:
     """The npz as a 10-shard feature table; returns key -> true label, and the clean features."""
     import numpy as np
 
