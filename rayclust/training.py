@@ -246,8 +246,8 @@ def feature_neighbours(lake: Lake, table: FeatureTable, k: int):
 
 def training_batch_size(settings: TrainSettings, config: dict, rows: int | None, workers: int) -> int:
     """The per-worker batch: the settings' or the model config's, fitted to a feature table of ``rows``
-    rows (``fit_batch_size``). An image model's samples are not counted (that would read every shard):
-    too few of them are caught by ``check_enough_images``."""
+    rows (``fit_batch_size``). An image model's samples are not counted (that would read every shard);
+    ``check_enough_images`` reads only as many as one batch per worker needs."""
     requested = settings.batch_size or config["batch_size"]
     if rows is None:
         return requested
