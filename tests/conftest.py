@@ -1,6 +1,7 @@
-"""Shared fixtures: one local Ray per test module, a SeaweedFS S3 server, and the real data the
-tests build for themselves (drawn JPEG shards, scikit-learn's digits as features): no test reads
-../shared, which holds the benchmarks' data."""
+"""Shared fixtures and builders: one local Ray per test module, a SeaweedFS S3 server, the real
+data the tests build for themselves (drawn JPEG shards, scikit-learn's digits as features: no test
+reads ../shared, which holds the benchmarks' data), and the helpers that start, watch and kill
+jobs and read their output. Test modules import from here, never from each other."""
 from __future__ import annotations
 
 import logging
