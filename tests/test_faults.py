@@ -14,7 +14,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import (REPO, TINY_ENCODER, job_env, job_lines, kill, recorded_epochs, run_train_job, seaweed_running,
-                      wait_until, write_digits_feature_lake)
+from conftest import (TINY_ENCODER, job_command, job_env, job_lines, kill, recorded_epochs, run_train_job,
+                      seaweed_running, wait_until, write_digits_feature_lake)
 from rayclust.lake import MODELS
 from rayclust.seaweed import SeaweedS3, free_port_pair
 
@@ -89,7 +88,7 @@ def start_job(store: SeaweedS3, script: str, log: Path, *args: str) -> subproces
     """``jobs/<script>`` against ``store``, in its own process group, output to ``log``."""
     env = {**job_env(), "AWS_ENDPOINT_URL": store.endpoint}
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(REPO / "jobs" / script), *args], env=env, stdout=out,
+        return subprocess.Popen(job_command(script, *args), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -29,7 +29,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, TINY_ENCODER, job_env, kill, start_job, wait_until
+from conftest import REPO, TINY_ENCODER, job_command, job_env, kill, start_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def cut_shard(source: Path, target: Path, samples: int, extra: dict[str, bytes] 
 
 
 def refresh_command(pattern: str, lake: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "refresh.py"), "--shards", pattern, "--lake", lake]
+    return job_command("refresh.py", "--shards", pattern, "--lake", lake)
 
 
 def start_refresh(pattern: str, lake: str, log: Path) -> subprocess.Popen:
@@ -121,8 +121,8 @@ def crash_and_rerun(trained_lake, source) -> dict:
     second = start_refresh(pattern, str(lake), logs / "second.log")
     try:
         wait_until(lambda: lock_pid(lake) == second.pid, second, logs / "second.log", "the lock")
-        embed = [sys.executable, str(REPO / "jobs" / "embed.py"), "--shards", str(source / f"{SHARDS[3]}.tar"),
-                 "--lake", str(lake), "--encoder", TINY_ENCODER, "--views", "2"]
+        embed = job_command("embed.py", "--shards", str(source / f"{SHARDS[3]}.tar"), "--lake", str(lake),
+                            "--encoder", TINY_ENCODER, "--views", "2")
         third = subprocess.run(embed, env=job_env(), capture_output=True, text=True, timeout=300)
         second.wait(timeout=400)
     finally:

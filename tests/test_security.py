@@ -8,7 +8,6 @@ import json
 import pickle
 import re
 import secrets
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from conftest import REPO, TINY_ENCODER, CreatesFile, start_job
+from conftest import TINY_ENCODER, CreatesFile, job_command, start_job
 
 CLUSTERS = 3
 FEATURE_DIM = 8
@@ -101,7 +100,7 @@ def test_the_marker_appears_when_the_pickle_is_run(tmp_path):
 
 def run_to_end(args: list[str], log: Path) -> tuple[int, str]:
     """A job script run to its end: its exit status, and its stdout and stderr together."""
-    process = start_job([sys.executable, str(REPO / "jobs" / args[0]), *args[1:]], log)
+    process = start_job(job_command(*args), log)
     return process.wait(timeout=600), log.read_text()
 
 

@@ -4,9 +4,7 @@ views, and an image model given too few images for a batch."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -23,8 +21,8 @@ from rayclust.models.checkpoint import load_model
 from rayclust.synthetic import write_synthetic_shards
 from rayclust.training import TrainSettings, evaluate_checkpoint, fit_batch_size, train
 
-from conftest import (RAY_PROCESS, REPO, job_lines, kill, recorded_epochs, run_train_job, wait_until,
-                      write_digits_feature_lake)
+from conftest import (RAY_PROCESS, REPO, job_command, job_env, job_lines, kill, recorded_epochs, run_train_job,
+                      wait_until, write_digits_feature_lake)
 
 DIGITS = 1797
 DIGITS_BATCH_MESSAGE = "batch size 256 -> 50 per worker: the feature table has 200 rows for 1 worker(s)"
@@ -153,10 +151,10 @@ def test_too_few_images_for_a_batch_end_the_job_in_one_line_before_training(tmp_
     needs: 20 images for a batch of 128 stop the job before Ray Train starts, not after every
     restart of a worker that found no batch."""
     shards = write_synthetic_shards(str(tmp_path / "shards"), shards=1, per_shard=20)
-    command = [sys.executable, str(REPO / "jobs" / "train.py"), "--lake", str(tmp_path / "lake"),
-               "--model", "pyramid", "--shards", shards[0], "--epochs", "1", "--run", "too-few"]
+    command = job_command("train.py", "--lake", str(tmp_path / "lake"), "--model", "pyramid", "--shards", shards[0],
+                          "--epochs", "1", "--run", "too-few")
     # Ray's workers import rayclust from this checkout, not from wherever it is installed
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO)}
+    env = {**job_env(), "PYTHONPATH": str(REPO)}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 1, run.stderr
     assert job_lines(run.stderr) == ["error: no full batch of 128 samples per worker: the shards hold 20 images "

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from conftest import REPO, TINY_ENCODER, job_env, kill, start_job, wait_until
+from conftest import TINY_ENCODER, job_command, job_env, kill, start_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +27,6 @@ SAMPLES = 40
 LAST = 61  # parts 6..LAST are embedded by the run that is killed: enough that they finish in several waves
 CUT = "part-000009"
 CUT_IN_SAMPLE = 25  # the cut falls inside this sample's image
-
-
-def job(script: str, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / script), *args]
 
 
 def lock_pid(lake: Path) -> int | None:
@@ -97,9 +92,9 @@ def second_job_while_first_holds_the_lake(lake: Path, first: list[str], second: 
 def embed_then_refresh(trained_lake, source) -> dict:
     lake = trained_lake
     return second_job_while_first_holds_the_lake(
-        lake, job("embed.py", "--shards", shards(source, 2, 4), "--lake", str(lake), "--encoder", TINY_ENCODER,
-                  "--views", "1"),
-        job("refresh.py", "--shards", shards(source, 0, 5), "--lake", str(lake)), lake.parent / "embed.log")
+        lake, job_command("embed.py", "--shards", shards(source, 2, 4), "--lake", str(lake),
+                          "--encoder", TINY_ENCODER, "--views", "1"),
+        job_command("refresh.py", "--shards", shards(source, 0, 5), "--lake", str(lake)), lake.parent / "embed.log")
 
 
 def assert_refused_in_one_line(outcome: dict, holder_job: str) -> None:
@@ -121,8 +116,8 @@ def test_refresh_started_during_an_embed_is_turned_away_and_the_embed_finishes(e
 @pytest.fixture(scope="module")
 def killed_and_rerun(embed_then_refresh, trained_lake, source) -> dict:
     lake, log = trained_lake, trained_lake.parent / "killed.log"
-    command = job("embed.py", "--shards", shards(source, 6, LAST), "--lake", str(lake), "--encoder", TINY_ENCODER,
-                  "--views", "1", "--batch-size", "16")
+    command = job_command("embed.py", "--shards", shards(source, 6, LAST), "--lake", str(lake),
+                          "--encoder", TINY_ENCODER, "--views", "1", "--batch-size", "16")
     first = start_job(command, log)
     killed = {f"part-{i:06d}" for i in range(6, LAST + 1)}
     published = lambda: {p.parent.name.split("=")[1] for p in lake.glob("features/shard=*/*.parquet")} & killed  # noqa: E731
