@@ -111,7 +111,8 @@ def run(args, rows: int, clusters: int, root: Path) -> dict:
           f"{time.perf_counter() - started:.0f}s", flush=True)
     trained = run_monitored([PYTHON, "jobs/train.py", "--lake", str(lake), "--model", args.model,
                              "--clusters", str(clusters), "--epochs", str(args.epochs), "--self-label-epochs", "0",
-                             "--batch-size", str(args.batch_size), "--workers", "1", "--run", "scale"],
+                             *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                             "--workers", "1", "--run", "scale"],
                             interval=1.0, echo=args.echo)
     mined = NEIGHBOURS_LINE.search(trained.output)
     rates = [e.samples_per_second for e in epoch_lines(trained.output)]
@@ -133,13 +134,14 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--model", default="ccmlp", help="model config (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=2, help="contrastive epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=512, help="samples per step (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples per step (default: the job's: the config's, at least 2 per cluster)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the lakes go (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="echo the jobs' output")
     args = parser.parse_args()
 
     header("Train scale: a Gaussian-mixture feature table at growing size")
-    print(f"model {args.model}, {args.epochs} contrastive epochs, batch {args.batch_size}, 1 worker, "
+    print(f"model {args.model}, {args.epochs} contrastive epochs, batch {args.batch_size or 'the job default'}, 1 worker, "
           f"{DIM}-d features with {VIEWS} views\n", flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as root:
         results = []

@@ -27,7 +27,8 @@ from rayclust.lake import NEIGHBOURS, Lake, list_to_numpy
 
 EXACT_MAX_ROWS = 50_000  # up to here a flat index compares every pair; beyond, an IVF index
 IVF_PROBES = 16
-IVF_TRAIN_PER_LIST = 64
+IVF_TRAIN_PER_LIST = 40  # faiss warns below 39
+HNSW_LINKS = 32  # of the graph that finds a row's nearest lists (faiss's IVF<lists>_HNSW32)
 SEARCH_BATCH = 16_384
 CHUNK_BYTES = 256 << 20  # object-store chunks of clean embeddings
 PART_ROWS = 1_000_000
@@ -165,11 +166,11 @@ def build_index(unit: np.ndarray):
         method = "exact (flat inner product)"
     else:
         lists = int(4 * math.sqrt(rows))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, f"IVF{lists}_HNSW{HNSW_LINKS},Flat", faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).choice(rows, min(rows, IVF_TRAIN_PER_LIST * lists), replace=False)
         index.train(unit[np.sort(sample)])
         index.nprobe = IVF_PROBES
-        method = f"IVF, {lists} lists, {IVF_PROBES} probed"
+        method = f"IVF, {lists} lists found by HNSW, {IVF_PROBES} probed"
     index.add(unit)
     return index, method
 

@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 MIN_STEPS_PER_EPOCH = 4
 # ... but the global batch keeps this many samples per cluster: the cluster loss contrasts the K
 # clusters' assignment vectors over the batch and maximises the entropy of their sizes, which
-# with fewer samples than clusters cannot even give every cluster one. A table with fewer rows
-# than this is refused: it cannot make one such batch.
+# with fewer samples than clusters cannot even give every cluster one. A default batch below it
+# is raised to it (K = 1,000: 512 -> 2,000 left 1 cluster of 1,000 empty per head instead of 19,
+# benchmarks/large_k.py); a table with fewer rows than this is refused: it cannot make one such batch.
 MIN_BATCH_PER_CLUSTER = 2
 # A worker that dies (killed, out of memory, its node lost) restarts the run from its last
 # checkpoint, this many times per run; a failure that repeats after that many restarts is one that
@@ -119,8 +120,8 @@ def feature_table(lake: Lake) -> FeatureTable:
 def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clusters: int) -> int:
     """The per-worker batch for a feature table of ``rows`` rows, which Ray Train splits evenly over
     ``workers``, each dropping its last partial batch. An ``explicit`` batch is kept if it fits at
-    all; a default one too large for MIN_STEPS_PER_EPOCH steps is lowered, not below
-    MIN_BATCH_PER_CLUSTER samples per cluster in the global batch (nor above a worker's rows)."""
+    all; a default one is raised to MIN_BATCH_PER_CLUSTER samples per cluster in the global batch,
+    and one too large for MIN_STEPS_PER_EPOCH steps is lowered, not below that (nor above a worker's rows)."""
     least = MIN_BATCH_PER_CLUSTER * clusters
     if rows < least:
         raise UserError(f"the feature table has {rows} rows, too few for {clusters} clusters "
@@ -129,9 +130,13 @@ def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clu
     if per_worker == 0 or (explicit and batch_size > per_worker):
         raise UserError(f"no full batch of {batch_size} samples per worker (the feature table has {rows} rows "
                         f"for {workers} worker(s)): lower --batch-size or --workers")
-    if explicit or batch_size * MIN_STEPS_PER_EPOCH <= per_worker:
+    if explicit:
         return batch_size
-    return min(batch_size, per_worker, max(per_worker // MIN_STEPS_PER_EPOCH, -(-least // workers)))
+    per_cluster = -(-least // workers)
+    wanted = max(batch_size, per_cluster)
+    if wanted * MIN_STEPS_PER_EPOCH <= per_worker:
+        return wanted
+    return min(wanted, per_worker, max(per_worker // MIN_STEPS_PER_EPOCH, per_cluster))
 
 
 def check_pairs(views: int, model: str, config: dict) -> None:
@@ -252,7 +257,10 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: int | None,
     if rows is None:
         return requested
     fitted = fit_batch_size(requested, settings.batch_size is not None, rows, workers, settings.clusters)
-    if fitted != requested:
+    if fitted > requested:
+        print(f"batch size {requested} -> {fitted} per worker: {MIN_BATCH_PER_CLUSTER} samples per cluster "
+              f"for {settings.clusters} clusters over {workers} worker(s)", flush=True)
+    elif fitted < requested:
         print(f"batch size {requested} -> {fitted} per worker: the feature table has {rows} rows "
               f"for {workers} worker(s)", flush=True)
     return fitted

@@ -82,6 +82,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
     assert "resumed run resumable after epoch" in output, output
     assert "epoch 1/4" not in output, output  # it did not start over
     assert "epoch 4/4 (self-labelling)" in output, output
+    assert "Token authentication" not in output, output  # Ray's notice of its default, silenced
     latest = lake.read_json(MODELS, "LATEST")
     assert latest["model_version"] == "resumable/epoch-3"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
@@ -106,6 +107,8 @@ def write_digits_lake(path, rows: int, views: int) -> Lake:
     (256, False, 2000, 1, 10, 256),  # already four steps or more
     (256, False, 60, 1, 10, 20),  # four steps would be a batch of 15: two samples per cluster win
     (256, False, 200, 2, 10, 25),
+    (256, False, 1_000_000, 1, 1000, 2000),  # two samples per cluster: a default batch grows
+    (256, False, 1_000_000, 4, 1000, 500),
     (64, True, 100, 1, 10, 64),  # explicit: kept while one batch fits
 ])
 def test_batch_fits_the_table(batch, explicit, rows, workers, clusters, fitted):
