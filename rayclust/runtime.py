@@ -23,8 +23,8 @@ WORKER_IDLE_KILL_MS = "60000"
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray
-    without the dashboard: it is ten processes (about 1 GB of resident memory, 260 MB
-    proportional) and seconds of start-up that a job ending with its Ray cannot show for long;
+    without the dashboard: it is ten processes (about 0.8 GB of resident memory) and seconds of
+    start-up that a job ending with its Ray cannot show for long;
     a cluster started with ``ray start`` has one (cluster-configs/)."""
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
