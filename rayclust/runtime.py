@@ -24,15 +24,16 @@ WORKER_IDLE_KILL_MS = "60000"
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray
     without the dashboard: it is ten processes (about 0.8 GB of resident memory) and seconds of
-    start-up that a job ending with its Ray cannot show for long;
-    a cluster started with ``ray start`` has one (cluster-configs/)."""
+    start-up, for a page that goes when the job ends; a cluster started with ``ray start`` has
+    one (cluster-configs/)."""
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
     if ray.is_initialized():
         return
     keep_idle_workers()
-    quiet_token_auth_notice()
     address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        quiet_token_auth_notice()
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
              **({} if address else {"include_dashboard": False}))
 
@@ -68,7 +69,8 @@ def hide_store_outage_tracebacks() -> None:
 
 def quiet_token_auth_notice() -> None:
     """Ray 2.60 starts a local Ray with token authentication and logs a WARNING saying so on every
-    run; it is the default, not a problem, and the one line of Ray's a job would print."""
+    run: the default, not a problem. (Joining a cluster, Ray's warning that the cluster has no
+    token authentication stays: that one is the operator's to hear.)"""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
