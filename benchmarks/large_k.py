@@ -88,7 +88,8 @@ def train_variant(config: dict, views: torch.Tensor, nearest: torch.Tensor, clus
             steps += 1
         if counter is not None and count > 1:
             reference, _ = model.cluster_head.align(counter.table())
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"model": model, "reference": reference, "samples/s": steps * batch_size / seconds, "train s": seconds}
 

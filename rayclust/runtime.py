@@ -31,11 +31,11 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     keep_idle_workers()
-    address = os.environ.get("RAY_ADDRESS")
+    address, local_options = os.environ.get("RAY_ADDRESS"), {}
     if not address:
         quiet_token_auth_notice()
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
-             **({} if address else {"include_dashboard": False}))
+        local_options["include_dashboard"] = False
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local_options)
 
 
 def leave_retries_to_the_store_clients() -> None:

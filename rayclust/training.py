@@ -133,10 +133,7 @@ def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clu
     if explicit:
         return batch_size
     per_cluster = -(-least // workers)
-    wanted = max(batch_size, per_cluster)
-    if wanted * MIN_STEPS_PER_EPOCH <= per_worker:
-        return wanted
-    return min(wanted, per_worker, max(per_worker // MIN_STEPS_PER_EPOCH, per_cluster))
+    return min(max(batch_size, per_cluster), per_worker, max(per_worker // MIN_STEPS_PER_EPOCH, per_cluster))
 
 
 def check_pairs(views: int, model: str, config: dict) -> None:
