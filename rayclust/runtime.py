@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 import sys
 
 import ray
@@ -19,6 +21,7 @@ DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per co
 # workers than CPUs busy in turns, so each pause killed one and the next task started a new one
 # (importing torch, ~3 s of CPU): embed of 100 shards spent 105 of its CPU-seconds on that.
 WORKER_IDLE_KILL_MS = "60000"
+JOIN_TIMEOUT_S = 10
 
 
 def init_ray() -> None:
@@ -32,10 +35,35 @@ def init_ray() -> None:
         return
     keep_idle_workers()
     address, local_options = os.environ.get("RAY_ADDRESS"), {}
-    if not address:
+    if address:
+        check_answers(address)
+    else:
         quiet_token_auth_notice()
         local_options["include_dashboard"] = False
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local_options)
+        local_options["runtime_env"] = {"worker_process_setup_hook": quiet_placement_group_cleaner}
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local_options)
+    except ConnectionError as exn:  # e.g. a cluster with token authentication, and no token here
+        raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first_cause(exn)}") from None
+
+
+def first_cause(exn: BaseException) -> str:
+    """The reason at the bottom of Ray's wrapping: the last line of the first exception in the
+    chain, whose message quotes the traceback of the error it caught."""
+    while exn.__cause__ is not None:
+        exn = exn.__cause__
+    return str(exn).strip().splitlines()[-1]
+
+
+def check_answers(address: str) -> None:
+    """One line instead of a hang: ``ray.init`` waits for ever on an address where no Ray listens."""
+    host_port = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
+    if host_port is None:  # "auto", or a form Ray will judge itself
+        return
+    try:
+        socket.create_connection((host_port[1], int(host_port[2])), timeout=JOIN_TIMEOUT_S).close()
+    except OSError as exn:
+        raise UserError(f"no Ray cluster answers at RAY_ADDRESS={address} ({exn.strerror or exn})") from None
 
 
 def leave_retries_to_the_store_clients() -> None:
@@ -65,6 +93,14 @@ def hide_store_outage_tracebacks() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.addFilter(HIDE_STORE_OUTAGES)
+
+
+def quiet_placement_group_cleaner() -> None:
+    """In each worker of a local Ray: Ray Train's placement-group cleaner asks the State API, which
+    the dashboard serves, every second whether the run's controller lives, and without a dashboard
+    it warns on each try (most of a train job's output). A local Ray ends with the job, its
+    placement groups with it, so the cleaner has nothing to do there."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def quiet_token_auth_notice() -> None:

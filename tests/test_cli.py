@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,21 @@ def test_mistake_is_one_line_and_nonzero_exit(results, case):
 
 def test_mistakes_leave_no_lake_behind(results):
     assert not (results["root"] / "lake").exists()
+
+
+def test_an_address_where_no_ray_listens_is_one_line(tmp_path):
+    """Valid flags, so the job goes on to join the cluster; ``ray.init`` alone would wait for ever."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(b"")
+    run = subprocess.run([sys.executable, str(JOBS / "embed.py"), "--shards", str(shard), "--lake",
+                          str(tmp_path / "lake"), "--encoder", TINY_ENCODER],
+                         env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, run.stderr
+    assert f"no Ray cluster answers at RAY_ADDRESS={address}" in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("job", ["embed.py", "train.py", "infer.py", "refresh.py"])

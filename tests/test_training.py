@@ -83,6 +83,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
     assert "epoch 1/4" not in output, output  # it did not start over
     assert "epoch 4/4 (self-labelling)" in output, output
     assert "Token authentication" not in output, output  # Ray's notice of its default, silenced
+    assert "State API" not in output, output  # the placement-group cleaner, idle in a local Ray
     latest = lake.read_json(MODELS, "LATEST")
     assert latest["model_version"] == "resumable/epoch-3"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
