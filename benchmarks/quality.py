@@ -99,7 +99,8 @@ def run_variant(lake_uri: str, name: str, seed: int, epochs: int | None, truth: 
     trained = time.perf_counter()
     infer(lake_uri, evaluate=False)
     return {**label_quality(lake_uri, truth), "train_s": trained - started,
-            "infer_s": time.perf_counter() - trained, "loss": latest["metrics"]["loss"]}
+            "infer_s": time.perf_counter() - trained, "loss": latest["metrics"]["loss"],
+            "refilled": latest["metrics"].get("refilled_clusters", 0)}
 
 
 def kmeans_row(clean, truth_labels, seed: int) -> dict:

@@ -34,7 +34,7 @@ from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
 from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
-from rayclust.models.heads import ClusterHeads, CoAssignments
+from rayclust.models.heads import REFILL_ROWS, ClusterHeads, CoAssignments
 from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, count_images, expand_shards, read_shards
@@ -356,6 +356,8 @@ def train_loop(config: dict) -> None:
         if co_assigned is not None:
             consensus = align_cluster_heads(model, co_assigned.table(), rank)
         metrics.update(consensus)
+        if epoch == epochs - 1 and rank == 0 and refillable(model, config):
+            metrics["refilled_clusters"] = refill_empty_clusters(model, batches(epoch), config["seed"])
         report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, consensus)
 
 
@@ -378,6 +380,31 @@ def align_cluster_heads(model, co_assigned: torch.Tensor, rank: int) -> dict:
     if rank == 0:
         print(f"cluster heads aligned to head {reference}; their agreement with it: {agreement}", flush=True)
     return {"reference_head": reference, "head_agreement": agreement}
+
+
+def refillable(model, config: dict) -> bool:
+    """Cluster heads that label together, on a feature table (the only batches rank 0 may read
+    on its own: an image model's come from a shard of one Ray Data stream that every rank reads)."""
+    heads = getattr(unwrap(model), "cluster_head", None)
+    return isinstance(heads, ClusterHeads) and len(heads.heads) > 1 and config["table"] is not None
+
+
+def refill_empty_clusters(model, batches: Iterable[dict[str, torch.Tensor]], seed: int) -> int:
+    """On rank 0, after the last epoch (only rank 0's weights are saved): ``ClusterHeads.refill`` on
+    the representations of up to REFILL_ROWS clean rows, read as one more epoch would start."""
+    inner = unwrap(model)
+    inner.eval()
+    parts, rows = [], 0
+    with torch.no_grad():
+        for batch in batches:
+            parts.append(inner.representation(batch["views"][:, 0]))
+            rows += len(parts[-1])
+            if rows >= REFILL_ROWS:
+                break
+        refilled = inner.cluster_head.refill(torch.cat(parts)[:REFILL_ROWS], seed)
+    print(f"refilled {refilled} clusters the cluster heads' consensus left empty on {min(rows, REFILL_ROWS):,} rows, "
+          "each with the half of the cluster that a split helps most", flush=True)
+    return refilled
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

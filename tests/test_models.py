@@ -6,7 +6,7 @@ import torch
 
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config
-from rayclust.models.heads import CoAssignments
+from rayclust.models.heads import ClusterHeads, CoAssignments
 from rayclust.training import view_pair
 
 DIM, CLUSTERS, BATCH = 64, 5, 12
@@ -142,3 +142,47 @@ def test_a_thousand_clusters_align_across_five_heads():
     model_heads = build_model(model_config("ccmlp", cluster_heads=heads), DIM, clusters).cluster_head
     reference, agreement = model_heads.align(counter.table())
     assert agreement == [1.0] * heads
+
+
+def three_blobs(rows: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows near three corners of the positive octant [3 x rows, 3], and which corner."""
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.arange(3).repeat_interleave(rows)
+    return 10 * torch.eye(3)[corner] + 0.3 * torch.randn(3 * rows, 3, generator=generator).abs(), corner
+
+
+def heads_that_merge_two_corners() -> ClusterHeads:
+    """Two heads, both: corners 0 and 1 -> cluster 0, corner 2 -> cluster 1, cluster 2 empty."""
+    heads = ClusterHeads(3, 3, count=2)
+    with torch.no_grad():
+        for head in heads.heads:
+            first, last = head[0][0], head[0][2]
+            first.weight.copy_(torch.eye(3)), first.bias.zero_()
+            last.weight.copy_(torch.tensor([[1.0, 1, 0], [0, 0, 1], [0, 0, 0]])), last.bias.copy_(torch.tensor([0, 0, -100.0]))
+    return heads
+
+
+def test_a_cluster_the_heads_leave_empty_is_refilled_by_splitting_the_merged_one():
+    representation, corner = three_blobs()
+    heads = heads_that_merge_two_corners().eval()
+    before = heads(representation)
+    assert set(before.argmax(1).tolist()) == {0, 1}
+    assert heads.refill(representation) == 1
+    after = heads(representation)
+    cluster = after.argmax(1)
+    assert len(set(zip(corner.tolist(), cluster.tolist()))) == 3  # each corner its own cluster
+    assert set(cluster.tolist()) == {0, 1, 2}
+    torch.testing.assert_close(after.sum(1), torch.ones(len(after)))
+    torch.testing.assert_close(after.max(1).values, before.max(1).values)  # the heads' confidence
+    restored = heads_that_merge_two_corners().eval()
+    restored.load_state_dict(heads.state_dict())
+    torch.testing.assert_close(restored(representation), after)
+
+
+def test_a_checkpoint_from_before_refills_loads_without_any():
+    heads = heads_that_merge_two_corners()
+    old = {k: v for k, v in heads.state_dict().items() if not k.startswith("refill_")}
+    restored = ClusterHeads(3, 3, count=2)
+    restored.load_state_dict(old)
+    assert (restored.refill_child == -1).all()
+    torch.testing.assert_close(restored(three_blobs()[0]), heads(three_blobs()[0]))

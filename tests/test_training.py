@@ -134,6 +134,8 @@ def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_ses
     infer(lake.uri)
     labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive").to_table()
     assert sorted(labels.column("key").to_pylist()) == sorted(f"digit-{i}" for i in range(200))
+    # every cluster labels some digits: those the heads' consensus left empty on the table were refilled
+    assert set(labels.column("cluster").to_pylist()) == set(range(10)), latest["metrics"]["refilled_clusters"]
 
 
 def test_a_table_without_views_trains_a_model_with_neighbours(ray_session, tmp_path):

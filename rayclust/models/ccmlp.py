@@ -32,4 +32,8 @@ class CCMLP(nn.Module):
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Cluster probabilities [B, K]: the aligned cluster heads' mean."""
-        return self.cluster_head(self.norm(features))
+        return self.cluster_head(self.representation(features))
+
+    def representation(self, features: torch.Tensor) -> torch.Tensor:
+        """What the cluster heads label: the normalised features [B, D]."""
+        return self.norm(features)

@@ -108,4 +108,8 @@ class MFAVB(nn.Module):
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Cluster probabilities [B, K] of clean features (the feature is its own positive pair):
         the aligned cluster heads' mean."""
-        return self.cluster_head(self.encode(features, features)[0])
+        return self.cluster_head(self.representation(features))
+
+    def representation(self, features: torch.Tensor) -> torch.Tensor:
+        """What the cluster heads label: clean features fused with themselves [B, T*W]."""
+        return self.encode(features, features)[0]
