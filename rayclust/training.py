@@ -383,10 +383,9 @@ def align_cluster_heads(model, co_assigned: torch.Tensor, rank: int) -> dict:
 
 
 def refillable(model, config: dict) -> bool:
-    """Cluster heads that label together, on a feature table (the only batches rank 0 may read
-    on its own: an image model's come from a shard of one Ray Data stream that every rank reads)."""
-    heads = getattr(unwrap(model), "cluster_head", None)
-    return isinstance(heads, ClusterHeads) and len(heads.heads) > 1 and config["table"] is not None
+    """A feature model's cluster heads, one or several, on a feature table (the only batches rank 0
+    may read on its own: an image model's come from a shard of one Ray Data stream that every rank reads)."""
+    return isinstance(getattr(unwrap(model), "cluster_head", None), ClusterHeads) and config["table"] is not None
 
 
 def refill_empty_clusters(model, batches: Iterable[dict[str, torch.Tensor]], seed: int) -> int:

@@ -151,9 +151,9 @@ def three_blobs(rows: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
     return 10 * torch.eye(3)[corner] + 0.3 * torch.randn(3 * rows, 3, generator=generator).abs(), corner
 
 
-def heads_that_merge_two_corners() -> ClusterHeads:
-    """Two heads, both: corners 0 and 1 -> cluster 0, corner 2 -> cluster 1, cluster 2 empty."""
-    heads = ClusterHeads(3, 3, count=2)
+def heads_that_merge_two_corners(count: int = 2) -> ClusterHeads:
+    """``count`` heads, each: corners 0 and 1 -> cluster 0, corner 2 -> cluster 1, cluster 2 empty."""
+    heads = ClusterHeads(3, 3, count=count)
     with torch.no_grad():
         for head in heads.heads:
             first, last = head[0][0], head[0][2]
@@ -162,9 +162,10 @@ def heads_that_merge_two_corners() -> ClusterHeads:
     return heads
 
 
-def test_a_cluster_the_heads_leave_empty_is_refilled_by_splitting_the_merged_one():
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_cluster_the_heads_leave_empty_is_refilled_by_splitting_the_merged_one(count):
     representation, corner = three_blobs()
-    heads = heads_that_merge_two_corners().eval()
+    heads = heads_that_merge_two_corners(count).eval()
     before = heads(representation)
     assert set(before.argmax(1).tolist()) == {0, 1}
     assert heads.refill(representation) == 1
@@ -174,7 +175,7 @@ def test_a_cluster_the_heads_leave_empty_is_refilled_by_splitting_the_merged_one
     assert set(cluster.tolist()) == {0, 1, 2}
     torch.testing.assert_close(after.sum(1), torch.ones(len(after)))
     torch.testing.assert_close(after.max(1).values, before.max(1).values)  # the heads' confidence
-    restored = heads_that_merge_two_corners().eval()
+    restored = heads_that_merge_two_corners(count).eval()
     restored.load_state_dict(heads.state_dict())
     torch.testing.assert_close(restored(representation), after)
 
