@@ -92,7 +92,8 @@ def train_variant(config: dict, views: torch.Tensor, nearest: torch.Tensor, clus
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    refilled = model.cluster_head.refill(model.representation(views[order[:REFILL_ROWS], 0]), seed)
+    with torch.no_grad():
+        refilled = model.cluster_head.refill(model.representation(views[order[:REFILL_ROWS], 0]), seed)
     return {"model": model, "reference": reference, "samples/s": steps * batch_size / seconds, "train s": seconds,
             "refilled": refilled, "refill s": time.perf_counter() - started - seconds}
 

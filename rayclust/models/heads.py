@@ -53,20 +53,25 @@ class ClusterHeads(nn.Module):
 
     def split_off(self, representation: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
         """Rows of a split cluster nearer the centre of its half that left swap that cluster's
-        probability with the refilled cluster's (so the confidence is the one the heads gave)."""
+        probability with the refilled cluster's (so the confidence is the one the heads gave).
+        The splits apply in their order; a row moves at most once per step, to the first later
+        split of the cluster it is in that takes it, so the loop runs as deep as the splits nest."""
         refills = int((self.refill_child >= 0).sum())
         if refills == 0:
             return probabilities
+        child, parent = self.refill_child[:refills], self.refill_parent[:refills]
+        stays, leaves = self.refill_centres[:refills].unbind(1)
         unit = nn.functional.normalize(representation, dim=1)
-        cluster = probabilities.argmax(1)
-        for child, parent, (stays, leaves) in zip(self.refill_child[:refills], self.refill_parent[:refills],
-                                                  self.refill_centres[:refills]):
-            rows = torch.nonzero(cluster == parent).squeeze(1)
-            nearer = (unit[rows] - leaves).pow(2).sum(1) < (unit[rows] - stays).pow(2).sum(1)
-            rows = rows[nearer]
-            cluster[rows] = child
-            probabilities[rows, child], probabilities[rows, parent] = \
-                probabilities[rows, parent], probabilities[rows, child]
+        # |u - leaves|^2 < |u - stays|^2, for every row and split at once
+        leaving = 2 * unit @ (leaves - stays).T > leaves.pow(2).sum(1) - stays.pow(2).sum(1)
+        slots = torch.arange(refills, device=unit.device)
+        cluster, after = probabilities.argmax(1), torch.zeros(len(unit), dtype=torch.long, device=unit.device)
+        while (takes := leaving & (parent == cluster[:, None]) & (slots >= after[:, None])).any():
+            rows = torch.nonzero(takes.any(1)).squeeze(1)
+            slot = takes[rows].int().argmax(1)  # the first split that takes the row
+            was, now = cluster[rows], child[slot]
+            probabilities[rows, now], probabilities[rows, was] = probabilities[rows, was], probabilities[rows, now]
+            cluster[rows], after[rows] = now, slot + 1
         return probabilities
 
     @torch.no_grad()
@@ -83,7 +88,7 @@ class ClusterHeads(nn.Module):
             for c in np.setdiff1d(np.unique(cluster), list(halves)):
                 halves[c] = best_split(unit[cluster == c], seed)
             parent = max(halves, key=lambda c: halves[c][0])
-            gain, split = halves.pop(parent)
+            split = halves.pop(parent)[1]
             if split is None:  # no cluster left with rows enough to split
                 break
             members = np.nonzero(cluster == parent)[0]
