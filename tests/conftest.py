@@ -22,6 +22,9 @@ import pytest
 from rayclust.seaweed import SeaweedS3, free_port_pair
 
 REPO = Path(__file__).resolve().parents[1]
+# Ray Train's controller polls its workers every 2 s by default, and a run ends only at the poll after its
+# last report: the suite's many short runs wait less (the jobs, the test's Ray and the clusters inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 DRAWN_SHARDS = 4
 DRAWN_PER_SHARD = 100
 DIGITS_VIEWS = 3

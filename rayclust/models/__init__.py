@@ -1,6 +1,7 @@
 """Clustering models; each one's hyper-parameters live as JSON in ``rayclust/model_configs/``."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -15,6 +16,8 @@ if TYPE_CHECKING:  # torch is imported by build_model's callers; listing models 
 from rayclust.errors import UserError
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
+MODEL_CLASSES = {"ccmlp": "rayclust.models.ccmlp:CCMLP", "mfavb": "rayclust.models.mfavb:MFAVB",
+                 "pyramid": "rayclust.models.pyramid:Pyramid"}
 TRAINING_KEYS = (  # the recipe, not the network
     "lr", "weight_decay", "neighbours", "epochs", "batch_size", "self_label_epochs", "self_label_threshold",
 )
@@ -41,15 +44,11 @@ def build_model(config: dict, feature_dim: int, clusters: int) -> torch.nn.Modul
 
     An image model ignores ``feature_dim``: its config's ``image_size`` sets its input.
     """
-    from rayclust.models.ccmlp import CCMLP
-    from rayclust.models.mfavb import MFAVB
-    from rayclust.models.pyramid import Pyramid
-
+    module, name = MODEL_CLASSES[config["model"]].split(":")
+    builder = getattr(importlib.import_module(module), name)  # only its own imports: timm costs seconds a process
     if is_image_model(config):
-        image_builders = {"pyramid": Pyramid}
-        return image_builders[config["model"]](clusters=clusters, **_hyper(config))
-    builders = {"ccmlp": CCMLP, "mfavb": MFAVB}
-    return builders[config["model"]](feature_dim=feature_dim, clusters=clusters, **_hyper(config))
+        return builder(clusters=clusters, **_hyper(config))
+    return builder(feature_dim=feature_dim, clusters=clusters, **_hyper(config))
 
 
 def _hyper(config: dict) -> dict:

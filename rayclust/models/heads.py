@@ -1,11 +1,15 @@
 """The projection heads Contrastive Clustering puts on a representation, shared by the feature models."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
 from torch import nn
+
+if TYPE_CHECKING:
+    from sklearn.cluster import KMeans
 
 # Empty clusters are refilled from the representations of this many rows (``ClusterHeads.refill``):
 # a bounded sample whatever the table, 50 rows per cluster at K = 1,000.
@@ -134,6 +138,8 @@ def no_refills(clusters: int, width: int) -> dict[str, torch.Tensor]:
 def best_split(unit: np.ndarray, seed: int) -> tuple[float, KMeans | None]:
     """2-means of a cluster's rows, the larger half labelled 0, and how much it lowers their sum of
     squares; (-1, None) for a cluster of fewer than 4 rows."""
+    from sklearn.cluster import KMeans  # here: importing sklearn costs every predicting process a second
+
     if len(unit) < 4:
         return -1.0, None
     split = KMeans(2, n_init=3, random_state=seed).fit(unit)
