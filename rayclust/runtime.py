@@ -99,8 +99,11 @@ def quiet_placement_group_cleaner() -> None:
     """In each worker of a local Ray: Ray Train's placement-group cleaner asks the State API, which
     the dashboard serves, every second whether the run's controller lives, and without a dashboard
     it warns on each try (most of a train job's output). A local Ray ends with the job, its
-    placement groups with it, so the cleaner has nothing to do there."""
+    placement groups with it, so the cleaner has nothing to do there. Its State API client finds
+    the cluster by looking for Ray's processes on the machine: with another local Ray beside this
+    one (a second job) it gives up with a traceback, so each worker names its own cluster."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def quiet_token_auth_notice() -> None:

@@ -179,6 +179,7 @@ def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, drawn_shards):
     """3 drawn shards (300 images) + a shard with one good and one broken image: 1 epoch, then infer."""
     shards = tmp_path / "shards"

@@ -33,6 +33,7 @@ def real_feature_lake(tmp_path_factory, digits_features) -> Lake:
     return write_digits_feature_lake(digits_features, str(tmp_path_factory.mktemp("lake")), shards=2)
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_feature_lake):
     """--workers 2 on a 2-CPU Ray must not hang waiting for CPUs that Ray Data also needs; DDP
     also runs the self-labelling epoch, which leaves the instance head without gradients."""
@@ -53,6 +54,7 @@ def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_featur
     assert report.rows[latest["model_version"]]["acc"] > 0.3, report  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_one_worker_run_repeats_with_its_seed(ray_session, real_feature_lake):
     """The seeded shuffle repeats only if Ray Data hands the table's rows over in the same order."""
     runs = [train(TrainSettings(real_feature_lake.uri, "ccmlp", clusters=10, epochs=2, batch_size=128, workers=1,
@@ -62,7 +64,9 @@ def test_one_worker_run_repeats_with_its_seed(ray_session, real_feature_lake):
     assert first["loss"] == second["loss"] and first["kept"] == second["kept"], (first, second)
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, digits_features):
+    """The jobs run beside the module's own local Ray, as two users' jobs run on one machine."""
     lake = write_digits_feature_lake(digits_features, str(tmp_path / "lake"), shards=1)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = run_train_job(lake.uri, "resumable", 40, first_log)
@@ -84,6 +88,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, digits_features):
     assert "epoch 4/4 (self-labelling)" in output, output
     assert "Token authentication" not in output, output  # Ray's notice of its default, silenced
     assert "State API" not in output, output  # the placement-group cleaner, idle in a local Ray
+    assert "multiple active Ray instances" not in output, output  # it looks in its own Ray, not the test's
     latest = lake.read_json(MODELS, "LATEST")
     assert latest["model_version"] == "resumable/epoch-3"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
@@ -125,6 +130,7 @@ def test_a_batch_that_cannot_fit_is_refused(batch, explicit, rows, workers, clus
         fit_batch_size(batch, explicit, rows, workers, clusters)
 
 
+@pytest.mark.slow
 def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_session, tmp_path, capsys):
     lake = write_digits_lake(tmp_path / "lake", rows=200, views=2)
     latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
@@ -138,6 +144,7 @@ def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_ses
     assert set(labels.column("cluster").to_pylist()) == set(range(10)), latest["metrics"]["refilled_clusters"]
 
 
+@pytest.mark.slow
 def test_a_table_without_views_trains_a_model_with_neighbours(ray_session, tmp_path):
     lake = write_digits_lake(tmp_path / "lake", rows=200, views=0)
     latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
@@ -152,6 +159,7 @@ def test_a_table_without_views_is_refused_for_a_model_without_neighbours(tmp_pat
         train(TrainSettings(lake.uri, "ccmlp", overrides={"neighbours": 0}))
 
 
+@pytest.mark.slow
 def test_too_few_images_for_a_batch_end_the_job_in_one_line_before_training(tmp_path):
     """An image model's samples are counted on the driver only as far as one batch per worker
     needs: 20 images for a batch of 128 stop the job before Ray Train starts, not after every
