@@ -31,13 +31,6 @@ DIGITS_VIEWS = 3
 TINY_ENCODER = "open_clip:rayclust-tiny-vit:none"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow end-to-end tests first: the two test processes (pyproject.toml) take a module
-    at a time, the long ones before the short, so they end together instead of one waiting on the other."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
-
-
 @pytest.fixture(scope="module")
 def ray_session(s3_env):
     """One local Ray per test module: starting Ray costs seconds on 2 cores, so a module's tests
