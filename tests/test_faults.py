@@ -84,9 +84,9 @@ def store(s3_env, tmp_path_factory) -> SeaweedS3:
         yield server
 
 
-def start_job(store: SeaweedS3, script: str, log: Path, *args: str) -> subprocess.Popen:
+def start_job(store: SeaweedS3, script: str, log: Path, *args: str, **env_vars: str) -> subprocess.Popen:
     """``jobs/<script>`` against ``store``, in its own process group, output to ``log``."""
-    env = {**job_env(), "AWS_ENDPOINT_URL": store.endpoint}
+    env = {**job_env(), "AWS_ENDPOINT_URL": store.endpoint, **env_vars}
     with open(log, "w") as out:
         return subprocess.Popen(job_command(script, *args), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -181,10 +181,13 @@ def unrecorded_checkpoint(store: SeaweedS3) -> bool:
 @pytest.fixture(scope="module")
 def train_outage(store, embed_outage, tmp_path_factory) -> dict:
     """A training run whose store stops as soon as a checkpoint is on it but not yet recorded: that
-    checkpoint is committed into the outage (and the next epoch reads its features into it)."""
+    checkpoint is committed into the outage (and the next epoch reads its features into it). Ray
+    Train records it at its controller's next poll of the workers: the default interval (2 s, not
+    the suite's 0.25 s) leaves the time to see it unrecorded."""
     log = tmp_path_factory.mktemp("faults-train") / "train.log"
     job = start_job(store, "train.py", log, "--lake", LAKE, "--run", "outage", "--clusters", str(CLUSTERS),
-                    "--epochs", str(TRAIN_EPOCHS), "--self-label-epochs", "0", "--batch-size", "32")
+                    "--epochs", str(TRAIN_EPOCHS), "--self-label-epochs", "0", "--batch-size", "32",
+                    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="2")
     try:
         wait_until(lambda: unrecorded_checkpoint(store), job, log, "a checkpoint being written")
         running = outage(store, job)
