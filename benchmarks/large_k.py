@@ -33,6 +33,7 @@ NEIGHBOURS = 5
 VARIANTS = {  # name -> overrides of the shipped ccmlp config
     "base": {"epochs": 2, "self_label_epochs": 0, "batch_size": 512},  # as train_scale.py runs the job
     "shipped": {},
+    "epochs-6": {"epochs": 6, "self_label_epochs": 0, "batch_size": 512},  # longer training, same recipe
     "batch-2048": {"epochs": 2, "self_label_epochs": 0, "batch_size": 2048},
     "batch-4096": {"epochs": 2, "self_label_epochs": 0, "batch_size": 4096},
     "one-head": {"epochs": 2, "self_label_epochs": 0, "batch_size": 512, "cluster_heads": 1},
