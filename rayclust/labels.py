@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,6 @@ from ray.data.datasource import FileBasedDatasource
 from rayclust.commit import (CommitSummary, Output, commit_as_shards_finish, fingerprint_of, published_path,
                              write_pieces)
 from rayclust.errors import UserError
-from rayclust.evaluation import EVAL_ROWS, QualityReport, cluster_metrics, compare_with_kmeans
 from rayclust.features import labels_fingerprint
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, filesystem_for, list_to_numpy, new_write_id, read_sample
 from rayclust.lock import LakeLock
@@ -40,6 +39,9 @@ from rayclust.shards import (END_OF_SHARD, READ_CPUS, ROWS_PER_BLOCK, WHOLE_SHAR
                              samples_of_tar, shard_name)
 from rayclust.stages import Stage, run
 from rayclust.views import clean_images
+
+if TYPE_CHECKING:
+    from rayclust.evaluation import QualityReport
 
 LABEL_COLUMNS = ("key", "cluster", "confidence", "model_version", "labeled_at")
 
@@ -186,6 +188,8 @@ def evaluate_labels(lake: Lake, clusters: int, features: dict[str, str],
                     label_files: dict[str, str]) -> QualityReport | None:
     """ACC/NMI/ARI of the labels beside k-means, on the first EVAL_ROWS labelled rows of the
     feature files (read file by file: the same cost for any size of lake); files are shard -> path."""
+    from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans  # scikit-learn: only the driver evaluates
+
     truth = read_sample(lake, features, ["key", "label", "embedding"], EVAL_ROWS, with_shard=True)
     truth = truth.filter(pc.is_valid(truth.column("label")))
     if truth.num_rows == 0:
@@ -266,6 +270,8 @@ def evaluate_image_labels(lake: Lake, uris: list[str]) -> QualityReport | None:
 
     No k-means row: an image-only lake has no features to run it on.
     """
+    from rayclust.evaluation import EVAL_ROWS, QualityReport, cluster_metrics  # scikit-learn: only the driver
+
     pairs = list(itertools.islice(labelled_samples(uris), EVAL_ROWS))
     if not pairs:
         return None

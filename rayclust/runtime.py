@@ -39,6 +39,7 @@ def init_ray() -> None:
         check_answers(address)
     else:
         quiet_token_auth_notice()
+        no_preemption_watcher()
         local_options["include_dashboard"] = False
         local_options["runtime_env"] = {"worker_process_setup_hook": quiet_placement_group_cleaner}
     try:
@@ -111,6 +112,14 @@ def quiet_token_auth_notice() -> None:
     run: the default, not a problem. (Joining a cluster, Ray's warning that the cluster has no
     token authentication stays: that one is the operator's to hear.)"""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def no_preemption_watcher() -> None:
+    """Set before a local Ray starts (its processes inherit it). Ray Train's PreemptionWatcher
+    follows nodes that an autoscaler drains; a local Ray is one machine nobody drains, so the
+    watcher would be one more process (~190 MB) with nothing to watch, and its start logs a
+    core_worker error line in every train job."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def keep_idle_workers() -> None:

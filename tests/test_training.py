@@ -89,6 +89,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, digi
     assert "Token authentication" not in output, output  # Ray's notice of its default, silenced
     assert "State API" not in output, output  # the placement-group cleaner, idle in a local Ray
     assert "multiple active Ray instances" not in output, output  # it looks in its own Ray, not the test's
+    assert "PreemptionWatcher" not in output, output  # nothing drains a local Ray's node: no watcher, no error line
     latest = lake.read_json(MODELS, "LATEST")
     assert latest["model_version"] == "resumable/epoch-3"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:

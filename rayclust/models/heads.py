@@ -35,9 +35,9 @@ class ClusterHeads(nn.Module):
 
     The mean starves the clusters the heads do not share (at K = 100 on a Gaussian mixture, 13 end
     empty; at K = 1,000 about a third) and merges what they held into others; one head alone can
-    leave clusters empty too. ``refill`` gives
-    each empty cluster one half of the cluster that a split in two helps most (bisecting k-means'
-    choice), measured on a sample of rows; the splits are buffers too, applied in their order.
+    leave clusters empty too. ``refill`` gives each empty cluster one half of the cluster that a
+    split in two helps most (bisecting k-means' choice), measured on a sample of rows; the splits
+    are buffers too, applied in their order.
     """
 
     def __init__(self, width: int, clusters: int, count: int = 1):
