@@ -10,12 +10,14 @@ pairs (each row's views, and with the config's ``neighbours`` one of its nearest
 
 The plain loop reads the table once into memory (as a plain PyTorch script would), mines the
 neighbours in-process and shuffles indices each epoch. Both report samples/s per epoch over the training loop only
-(the job prints it per epoch); steady state = mean of the epochs after the first.
+(the job prints it per epoch); steady state = mean of the epochs after the first. Memory: the peak
+of each process tree, as a sum of RSS (shared pages counted once per process that maps them) and
+as a sum of PSS (shared pages divided among those processes).
 
     python benchmarks/train_throughput.py
     python benchmarks/train_throughput.py --lake /path/to/lake --epochs 6
 
-Goal (issue): job samples/s >= 0.8 x plain loop samples/s (steady state).
+Goals: job samples/s >= 0.8 x plain loop samples/s (steady state); job peak memory <= 1.5 x the plain loop's.
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def run_job(args, lake: str) -> dict:
     if len(rates) != args.epochs:
         raise SystemExit(f"expected {args.epochs} epoch lines from the job:\n{done.output[-3000:]}")
     return {"rates": rates, "wall_seconds": done.seconds, "peak_rss_mib": mib(done.memory.peak_rss),
-            "other_cores": done.memory.other_cores, "cpu_seconds": done.memory.tree_cpu_seconds}
+            "peak_pss_mib": mib(done.memory.peak_pss), "other_cores": done.memory.other_cores, "cpu_seconds": done.memory.tree_cpu_seconds}
 
 
 def run_plain(args, lake: str) -> dict:
@@ -130,7 +132,8 @@ def run_plain(args, lake: str) -> dict:
     done = run_monitored(command, interval=1.0)
     line = next(l for l in done.output.splitlines() if l.startswith("RESULT "))
     return {**json.loads(line[len("RESULT "):]), "wall_seconds": done.seconds,
-            "peak_rss_mib": mib(done.memory.peak_rss), "other_cores": done.memory.other_cores,
+            "peak_rss_mib": mib(done.memory.peak_rss), "peak_pss_mib": mib(done.memory.peak_pss),
+            "other_cores": done.memory.other_cores,
             "cpu_seconds": done.memory.tree_cpu_seconds}
 
 
@@ -185,6 +188,8 @@ def main() -> None:
                 "plain epochs": " ".join(f"{r:.0f}" for r in plain["rates"]),
                 "job epochs": " ".join(f"{r:.0f}" for r in job["rates"]),
                 "job wall s": job["wall_seconds"],
+                "peak RSS job / plain": job["peak_rss_mib"] / plain["peak_rss_mib"],
+                "peak PSS job / plain": job["peak_pss_mib"] / plain["peak_pss_mib"],
                 "other cores plain/job": f"{plain['other_cores']:.2f}/{job['other_cores']:.2f}",
             })
     print()
