@@ -335,7 +335,7 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         start_epoch = saved["epoch"] + 1
         if rank == 0:
-            print(f"resumed run {config['run']} after epoch {saved['epoch']}", flush=True)
+            print(f"resumed run {config['run']} after epoch {saved['epoch'] + 1}", flush=True)
     consensus = saved.get("consensus", {}) if saved else {}  # how the cluster heads were aligned, once they are
     generator = torch.Generator().manual_seed(config["seed"] + 1000 * start_epoch)
     batches = epoch_batches(config, rank, world)
@@ -350,7 +350,8 @@ def train_loop(config: dict) -> None:
         else:
             phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
         metrics = train_epoch(model, optimizer, batches(epoch), config["batch_size"], generator, step)
-        metrics.update(epoch=epoch, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
+        # epoch: epochs trained so far, the number the progress line and the model version show
+        metrics.update(epoch=epoch + 1, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
             print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}", flush=True)
         if co_assigned is not None:

@@ -69,9 +69,9 @@ def test_a_killed_training_worker_restarts_the_run_from_its_last_checkpoint(tmp_
     resumed = re.search(r"resumed run killed after epoch (\d+)", output)
     assert resumed and int(resumed[1]) >= recorded, output
     since = output[resumed.end():]
-    assert f"epoch {int(resumed[1]) + 2}/{KILLED_RUN_EPOCHS + 1} " in since, output  # and one self-labelling epoch
+    assert f"epoch {int(resumed[1]) + 1}/{KILLED_RUN_EPOCHS + 1} " in since, output  # and one self-labelling epoch
     assert "epoch 1/" not in since, output  # the restarted run did not start over
-    assert lake.read_json(MODELS, "LATEST")["model_version"] == f"killed/epoch-{KILLED_RUN_EPOCHS}"
+    assert lake.read_json(MODELS, "LATEST")["model_version"] == f"killed/epoch-{KILLED_RUN_EPOCHS + 1}"
 
 
 # --- the object store down for a while, then for good ----------------------------------------
@@ -202,7 +202,7 @@ def test_training_rides_out_a_store_outage_while_writing_a_checkpoint(train_outa
     assert "resumed run" not in train_outage["log"], train_outage["log"]  # no worker failed
     fs = store.filesystem()
     latest = json_of(fs, f"{BUCKET}/lake/models/LATEST")
-    assert latest["model_version"] == f"outage/epoch-{TRAIN_EPOCHS - 1}"
+    assert latest["model_version"] == f"outage/epoch-{TRAIN_EPOCHS}"
     assert fs.exists(f"{BUCKET}/lake/{latest['checkpoint']}/model.pt")
     assert json_of(fs, f"{BUCKET}/lake/{latest['checkpoint']}/config.json")["clusters"] == CLUSTERS
 

@@ -215,8 +215,8 @@ def test_train_and_infer_label_every_feature_row_once(embedded, capsys):
 
     lake = str(embedded["lake"])
     latest = train(TrainSettings(lake, clusters=3, epochs=2, batch_size=8, run="bad-input"))
-    last_epoch = 2 + model_config(TrainSettings.model)["self_label_epochs"] - 1  # the default self-labels after
-    assert latest["model_version"] == f"bad-input/epoch-{last_epoch}"
+    epochs = 2 + model_config(TrainSettings.model)["self_label_epochs"]  # the default self-labels after
+    assert latest["model_version"] == f"bad-input/epoch-{epochs}"  # as the last progress line counts them
     summary = infer(lake, batch_size=16)
     features = read_table(embedded["lake"], "features")
     labels = read_table(embedded["lake"], "labels")

@@ -59,7 +59,7 @@ def test_latest_points_at_the_trained_checkpoint(s3_pipeline):
     fs, root, latest = s3_pipeline["fs"], s3_pipeline["root"], s3_pipeline["latest"]
     with fs.open(f"{root}/models/LATEST") as f:
         assert json.load(f) == latest
-    assert latest["model_version"] == "s3-run/epoch-2" and latest["clusters"] == CLUSTERS
+    assert latest["model_version"] == "s3-run/epoch-3" and latest["clusters"] == CLUSTERS
     assert fs.exists(f"{root}/{latest['checkpoint']}/model.pt")
 
 

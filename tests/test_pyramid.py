@@ -191,7 +191,7 @@ def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, drawn_s
     lake = Lake.open(str(tmp_path / "lake"))
     latest = train(TrainSettings(lake.uri, "pyramid", clusters=CLUSTERS, epochs=1, batch_size=64, run="pyr",
                                  shards=str(shards / "*.tar"), overrides=TINY))
-    assert latest["model_version"] == "pyr/epoch-0" and np.isfinite(latest["metrics"]["loss"])
+    assert latest["model_version"] == "pyr/epoch-1" and np.isfinite(latest["metrics"]["loss"])
     assert lake.read_json(MODELS, "LATEST")["run"] == "pyr"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
         description = json.load(f)
@@ -201,7 +201,7 @@ def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, drawn_s
     assert (summary.rows, summary.shards) == (301, 4)
     labels = pads.dataset(lake.path(LABELS), partitioning="hive").to_table()
     assert labels.num_rows == 301 and len(set(labels.column("key").to_pylist())) == 301
-    assert set(labels.column("model_version").to_pylist()) == {"pyr/epoch-0"}
+    assert set(labels.column("model_version").to_pylist()) == {"pyr/epoch-1"}
     assert set(labels.column("cluster").to_pylist()) <= set(range(CLUSTERS))
     errors = pads.dataset(lake.path(ERRORS), partitioning="hive").to_table().to_pylist()
     assert [(e["key"], e["stage"]) for e in errors] == [("broken", "infer")]

@@ -182,7 +182,7 @@ def test_rerun_took_over_the_killed_runs_lock_and_recorded_every_shard(crash_and
     manifest = pq.read_table(lake / "manifest" / "manifest.parquet").to_pylist()
     assert [(m["shard"], m["samples"], m["bad_samples"]) for m in manifest] == [
         (SHARDS[0], SAMPLES, 0), (SHARDS[1], SAMPLES, 1), (SHARDS[2], SAMPLES, 0)]
-    assert {m["model_version"] for m in manifest} == {"tiny/epoch-1"}
+    assert {m["model_version"] for m in manifest} == {"tiny/epoch-2"}
     assert all(m["size"] > 0 and m["mtime"] is not None and m["etag"] is None for m in manifest)
     # the shards the killed run had finished are not redone: recorded in the manifest, or adopted
     # (published, but killed before its manifest row)
@@ -226,7 +226,7 @@ def test_drift_is_judged_against_the_models_earlier_labels(incremental, crash_an
     # shards: the rerun's, if the killed run had finished a shard, else this one's (parts 0-2)
     outside_rerun = 3 * SAMPLES - rerun_labelled(crash_and_rerun)
     assert drift.baseline.samples == (outside_rerun or 3 * SAMPLES) and drift.new.samples == SAMPLES
-    assert drift.baseline.model_version == "tiny/epoch-1"
+    assert drift.baseline.model_version == "tiny/epoch-2"
     assert 0.0 <= drift.cluster_shift <= 1.0 and abs(sum(drift.new.cluster_fractions) - 1) < 1e-5
     assert "drift:" in str(incremental["one_new"]) and "cluster sizes" in str(drift)
     assert incremental["one_new"].exit_code(fail_on_drift=True) == (3 if drift.detected else 0)
@@ -259,7 +259,7 @@ def test_changed_shard_is_reprocessed_and_zero_limits_flag_drift(incremental):
 def test_every_label_row_carries_the_model_version(incremental):
     versions = duckdb.execute(f"""SELECT DISTINCT model_version FROM
         read_parquet('{incremental['lake']}/labels/*/*.parquet')""").fetchall()
-    assert versions == [("tiny/epoch-1",)]
+    assert versions == [("tiny/epoch-2",)]
 
 
 # --- the same on S3 -----------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_refresh_on_s3_commits_each_shard_once(s3_refreshed):
 
 
 def test_new_latest_labels_new_shards_and_infer_relabels_the_rest(s3_refreshed):
-    assert s3_refreshed["versions_after_refresh"] == {NEW_VERSION: set(SHARDS[2:]), "tiny/epoch-1": set(SHARDS[:2])}
+    assert s3_refreshed["versions_after_refresh"] == {NEW_VERSION: set(SHARDS[2:]), "tiny/epoch-2": set(SHARDS[:2])}
     assert "no baseline" in str(s3_refreshed["report"].drift)  # nothing else carries the new version yet
     relabelled = s3_refreshed["relabelled"]  # the refreshed shards already carry the new model's labels
     assert (relabelled.rows, relabelled.shards, relabelled.skipped) == (2 * SAMPLES, 2, 2)

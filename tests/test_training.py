@@ -39,7 +39,7 @@ def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_featur
     also runs the self-labelling epoch, which leaves the instance head without gradients."""
     latest = train(TrainSettings(real_feature_lake.uri, "mfavb", clusters=10, epochs=3, batch_size=128,
                                  workers=2, run="two-workers", self_label_epochs=1))
-    assert latest["model_version"] == "two-workers/epoch-3"
+    assert latest["model_version"] == "two-workers/epoch-4"
     assert latest["metrics"]["phase"] == "self-labelling"
     assert real_feature_lake.read_json(MODELS, "LATEST")["run"] == "two-workers"
     assert np.isfinite(latest["metrics"]["loss"])
@@ -91,7 +91,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, digi
     assert "multiple active Ray instances" not in output, output  # it looks in its own Ray, not the test's
     assert "PreemptionWatcher" not in output, output  # nothing drains a local Ray's node: no watcher, no error line
     latest = lake.read_json(MODELS, "LATEST")
-    assert latest["model_version"] == "resumable/epoch-3"
+    assert latest["model_version"] == "resumable/epoch-4"
     with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
         assert json.load(f)["clusters"] == 10
 
@@ -137,7 +137,7 @@ def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_ses
     latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
                                  run="small", evaluate=False))
     assert capsys.readouterr().out.count(DIGITS_BATCH_MESSAGE) == 1
-    assert latest["model_version"] == "small/epoch-1"
+    assert latest["model_version"] == "small/epoch-2"
     infer(lake.uri)
     labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive").to_table()
     assert sorted(labels.column("key").to_pylist()) == sorted(f"digit-{i}" for i in range(200))
