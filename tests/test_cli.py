@@ -30,7 +30,8 @@ JOBS = REPO / "jobs"
 
 def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (job arguments, a phrase that the one-line error must contain)."""
-    empty = str(root / "empty-lake")
+    empty = str(root / "empty-lake")  # made by the fixture: a lake without a model
+    missing = str(root / "no-such-lake")
     lake = str(root / "lake")
     shard = str(root / "shard-000000.tar")  # only its existence matters; never read
     return {
@@ -52,8 +53,10 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "train-abbreviated-flag": (["train.py", "--lake", empty, "--epoch", "5"], "unrecognized arguments: --epoch"),
         "train-negative-self-label": (["train.py", "--lake", empty, "--self-label-epochs", "-1"], "at least 0"),
         "infer-no-model": (["infer.py", "--lake", empty], "no trained model"),
+        "infer-no-lake": (["infer.py", "--lake", missing], "no lake at"),
         "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
         "refresh-no-model": (["refresh.py", "--shards", shard, "--lake", empty], "no trained model"),
+        "refresh-no-lake": (["refresh.py", "--shards", shard, "--lake", missing], "no lake at"),
         "refresh-wrong-shard-path": (["refresh.py", "--shards", str(root / "nope" / "x-000000.tar"),
                                       "--lake", lake], "shard not found"),
         "refresh-drift-limit-above-one": (["refresh.py", "--shards", shard, "--lake", lake,
@@ -73,6 +76,7 @@ def run_job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def results(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cli")
     (root / "shard-000000.tar").write_bytes(b"")
+    (root / "empty-lake").mkdir()
     cases = error_cases(root)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_job, args, root) for name, (args, _) in cases.items()}
@@ -94,6 +98,7 @@ def test_mistake_is_one_line_and_nonzero_exit(results, case):
 
 def test_mistakes_leave_no_lake_behind(results):
     assert not (results["root"] / "lake").exists()
+    assert not (results["root"] / "no-such-lake").exists()
 
 
 def test_an_address_where_no_ray_listens_is_one_line(tmp_path):

@@ -25,6 +25,8 @@ DIGEST = "model_sha256"  # LATEST's record of model.pt
 def latest_model(lake: Lake) -> dict:
     """The ``LATEST`` pointer: run, checkpoint (relative to the lake), model_version, clusters, metrics."""
     latest = lake.read_json(MODELS, "LATEST")
+    if latest is None and not lake.fs.exists(lake.root):  # a mistyped --lake, not a lake to train in
+        raise UserError(f"no lake at {lake.uri}: check --lake (jobs/embed.py makes one, jobs/train.py trains its model)")
     if latest is None:
         raise UserError(f"no trained model in {lake.uri}: run jobs/train.py first")
     return latest
