@@ -57,6 +57,7 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
         "refresh-no-model": (["refresh.py", "--shards", shard, "--lake", empty], "no trained model"),
         "refresh-no-lake": (["refresh.py", "--shards", shard, "--lake", missing], "no lake at"),
+        "folder2shards-no-images": (["folder2shards.py", "--images", empty, "--out", lake], "no images in"),
         "refresh-wrong-shard-path": (["refresh.py", "--shards", str(root / "nope" / "x-000000.tar"),
                                       "--lake", lake], "shard not found"),
         "refresh-drift-limit-above-one": (["refresh.py", "--shards", shard, "--lake", lake,
