@@ -22,6 +22,7 @@ from rayclust.errors import UserError
 
 ENCODER_CONFIGS = Path(__file__).parent / "encoder_configs"
 EFFNET = "effnet-lite0"
+HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names on the hub
 
 
 @dataclass
@@ -72,6 +73,30 @@ def parse_spec(spec: str) -> EncoderSpec:
             f"({', '.join(known_tags) or 'none known'}), a checkpoint file, nor 'none'"
         )
     return EncoderSpec("open_clip", model, pretrained)
+
+
+def check_weights_reachable(spec: str) -> None:
+    """On the driver, before any pipeline starts: an open_clip tag's weights must be in the local
+    Hugging Face cache or reachable on the hub. Otherwise one line naming the offline choices;
+    every encoder actor would retry the download for a minute and end in tracebacks. (A tag that
+    open_clip fetches from a plain URL, not the hub, is left to open_clip.)"""
+    parsed = parse_spec(spec)
+    if parsed.kind != "open_clip" or parsed.pretrained == "none" or os.path.isfile(parsed.pretrained):
+        return
+    import huggingface_hub
+    import open_clip
+
+    repo, filename = os.path.split(open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained).get("hf_hub", ""))
+    names = [filename] if filename else list(HUB_WEIGHT_FILES)
+    if not repo or any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str) for name in names):
+        return
+    try:
+        huggingface_hub.model_info(repo)
+    except Exception as exn:  # offline, a proxy, the hub down: all mean "not loadable here"
+        reason = str(exn).strip().splitlines()[0][:160] if str(exn).strip() else type(exn).__name__
+        raise UserError(f"encoder {spec!r}: its weights are not in the local Hugging Face cache and the hub "
+                        f"({repo}) cannot be reached ({reason}); offline, use --encoder {EFFNET} (its "
+                        f"weights ship with pip) or open_clip:{parsed.model}:/path/to/checkpoint.pt") from None
 
 
 def _parse_effnet(spec: str, parts: list[str]) -> EncoderSpec:

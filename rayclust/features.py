@@ -25,7 +25,7 @@ from rayclust.commit import (CommitSummary, Output, ShardResult, commit_as_shard
                              publish_shard,
                              write_pieces)
 from rayclust.decode import BadSample, decode_image, normalise
-from rayclust.encoders import Preprocessing, load_encoder, load_preprocessing, parse_spec
+from rayclust.encoders import Preprocessing, check_weights_reachable, load_encoder, load_preprocessing, parse_spec
 from rayclust.errors import UserError
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id
 from rayclust.lock import LakeLock
@@ -184,6 +184,7 @@ def check_embed_settings(encoder: str, views: int) -> None:
     spec = parse_spec(encoder)
     if views < 0:
         raise UserError("--views must be 0 or more")
+    check_weights_reachable(encoder)
     if spec.kind == "open_clip" and os.path.isfile(spec.pretrained):  # a local checkpoint, not a tag
         init_ray()
         require_shared(spec.pretrained, "encoder checkpoint")
