@@ -12,7 +12,8 @@ from rayclust.cli import JobArgumentParser, at_least, run_job
 
 def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", required=True, help="folder of images; images in its sub-folders are labelled with the sub-folder's name")
+    parser.add_argument("--images", required=True,
+                        help="folder of images; those in its sub-folders are labelled with the sub-folder's name")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix for the .tar shards")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: %(default)s)")
     parser.add_argument("--per-shard", type=at_least(1), default=1000, help="samples per shard (default: %(default)s)")

@@ -86,7 +86,8 @@ def check_weights_reachable(spec: str) -> None:
     import huggingface_hub
     import open_clip
 
-    repo, filename = os.path.split(open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained).get("hf_hub", ""))
+    tag_cfg = open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained) or {}
+    repo, filename = os.path.split(tag_cfg.get("hf_hub", ""))
     names = [filename] if filename else list(HUB_WEIGHT_FILES)
     if not repo or any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str) for name in names):
         return

@@ -173,6 +173,7 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
     """
     check_embed_settings(encoder, views)
     source = list_source(shards)
+    check_weights_reachable(encoder)  # after the shards: a wrong path is named first, whatever the network
     lake = Lake.open(lake_uri, create=True)
     with LakeLock(lake, "embed") as lock:  # taken before Ray starts: a refused job costs seconds
         init_ray()
@@ -184,7 +185,6 @@ def check_embed_settings(encoder: str, views: int) -> None:
     spec = parse_spec(encoder)
     if views < 0:
         raise UserError("--views must be 0 or more")
-    check_weights_reachable(encoder)
     if spec.kind == "open_clip" and os.path.isfile(spec.pretrained):  # a local checkpoint, not a tag
         init_ray()
         require_shared(spec.pretrained, "encoder checkpoint")

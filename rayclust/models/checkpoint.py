@@ -26,7 +26,7 @@ def latest_model(lake: Lake) -> dict:
     """The ``LATEST`` pointer: run, checkpoint (relative to the lake), model_version, clusters, metrics."""
     latest = lake.read_json(MODELS, "LATEST")
     if latest is None and not lake.fs.exists(lake.root):  # a mistyped --lake, not a lake to train in
-        raise UserError(f"no lake at {lake.uri}: check --lake (jobs/embed.py makes one, jobs/train.py trains its model)")
+        raise UserError(f"no lake at {lake.uri}: check --lake (jobs/embed.py makes one, jobs/train.py its model)")
     if latest is None:
         raise UserError(f"no trained model in {lake.uri}: run jobs/train.py first")
     return latest
