@@ -131,7 +131,7 @@ def main() -> None:
         clean, augmented, truth = mixture(args.rows, args.clusters)
         views = torch.from_numpy(np.concatenate([clean[:, None], augmented], 1))
     nearest = exact_neighbours(F.normalize(views[:, 0], dim=1), args.neighbours)
-    print({k: v for k, v in vars(args).items()}, flush=True)
+    print(vars(args), flush=True)
     teacher, best, mean, std = train(views, nearest, args)
     with torch.no_grad():
         clean = (views[:, 0] - mean) / std

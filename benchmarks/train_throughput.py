@@ -122,7 +122,8 @@ def run_job(args, lake: str) -> dict:
     if len(rates) != args.epochs:
         raise SystemExit(f"expected {args.epochs} epoch lines from the job:\n{done.output[-3000:]}")
     return {"rates": rates, "wall_seconds": done.seconds, "peak_rss_mib": mib(done.memory.peak_rss),
-            "peak_pss_mib": mib(done.memory.peak_pss), "other_cores": done.memory.other_cores, "cpu_seconds": done.memory.tree_cpu_seconds}
+            "peak_pss_mib": mib(done.memory.peak_pss), "other_cores": done.memory.other_cores,
+            "cpu_seconds": done.memory.tree_cpu_seconds}
 
 
 def run_plain(args, lake: str) -> dict:

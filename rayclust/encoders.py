@@ -22,7 +22,6 @@ from rayclust.errors import UserError
 
 ENCODER_CONFIGS = Path(__file__).parent / "encoder_configs"
 EFFNET = "effnet-lite0"
-HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names on the hub
 
 
 @dataclass
@@ -85,10 +84,11 @@ def check_weights_reachable(spec: str) -> None:
         return
     import huggingface_hub
     import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
     tag_cfg = open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained) or {}
     repo, filename = os.path.split(tag_cfg.get("hf_hub", ""))
-    names = [filename] if filename else list(HUB_WEIGHT_FILES)
+    names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]  # open_clip's default names
     if not repo or any(isinstance(huggingface_hub.try_to_load_from_cache(repo, name), str) for name in names):
         return
     try:
