@@ -174,15 +174,20 @@ def start_job(command: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, env=job_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_until(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 300):
-    """The condition's first truthy value, polled every 0.2 s while the job runs."""
+class JobEnded(AssertionError):
+    """The job ended before the condition a test waited for."""
+
+
+def wait_until(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 300,
+               every: float = 0.2):
+    """The condition's first truthy value, polled ``every`` seconds while the job runs."""
     deadline = time.time() + timeout
     while not (seen := condition()):
         if process.poll() is not None:
-            raise AssertionError(f"the job ended (status {process.returncode}) before {what}:\n{log.read_text()}")
+            raise JobEnded(f"the job ended (status {process.returncode}) before {what}:\n{log.read_text()}")
         if time.time() > deadline:
             raise AssertionError(f"no {what} within {timeout}s:\n{log.read_text()}")
-        time.sleep(0.2)
+        time.sleep(every)
     return seen
 
 

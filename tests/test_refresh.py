@@ -4,7 +4,8 @@ One local scenario runs once (module fixtures), on four 100-sample shards copied
 JPEG shards (``part-000001`` also holds one sample without an image):
 1. embed ``part-000000`` and train a tiny model in-process (LATEST);
 2. ``jobs/refresh.py`` over parts 0-2 as a subprocess with its own Ray, SIGKILLed as soon as it
-   stages its first features (mid-write: shards it finished by then stay, the rest are redone);
+   stages features or records a shard (mid-write: shards it finished by then stay, the rest are
+   redone);
 3. run again; while it holds the lock an embed starts and must be turned away (an embed holding
    the lake turns a refresh away: tests/test_write_path.py);
 4. in-process refreshes: part-000003 new (the rest skipped), then nothing new, then changed.
@@ -29,7 +30,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, TINY_ENCODER, job_command, job_env, kill, start_job, wait_until
+from conftest import REPO, TINY_ENCODER, JobEnded, job_command, job_env, kill, start_job, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,7 @@ SAMPLES = 100
 SHARDS = [f"part-{i:06d}" for i in range(4)]
 NO_IMAGE_KEY = "zz_no_image"
 CLUSTERS = 5
+KILL_ATTEMPTS = 3
 
 
 # --- building shards and running the job -----------------------------------------------------
@@ -102,23 +104,37 @@ def trained_lake(ray_session, source, tmp_path_factory) -> Path:
     return lake
 
 
+def killed_mid_way(lake: Path, pattern: str, log: Path) -> tuple[subprocess.Popen, dict]:
+    """A refresh SIGKILLed while it writes, and what the lake held then. A staged piece lives a
+    moment (until its shard is published) and a shard's manifest part until the refresh ends:
+    either proves the pipeline is writing. On a fast machine three 100-sample shards can be written
+    between two polls; then the lake is put back as it was and the refresh started again."""
+    mid_way = lambda: (list(lake.glob("_staging/*/features/*/*.parquet"))  # noqa: E731
+                       + list((lake / "manifest").glob("*-part-*.parquet")))
+    before = lake.with_name("lake-before-refresh")
+    shutil.copytree(lake, before)
+    for attempt in range(1, KILL_ATTEMPTS + 1):
+        job = start_refresh(pattern, str(lake), log)
+        try:
+            seen = wait_until(mid_way, job, log, "staged features or a recorded shard", every=0.02)
+        except JobEnded:
+            if attempt == KILL_ATTEMPTS:
+                raise
+            shutil.rmtree(lake)
+            shutil.copytree(before, lake)
+            continue
+        finally:
+            kill(job)
+        return job, {"mid_way": seen, "attempts": attempt,
+                     "manifest": (lake / "manifest" / "manifest.parquet").exists(),
+                     "recorded": len(list((lake / "manifest").glob("*-part-*.parquet")))}
+
+
 @pytest.fixture(scope="module")
 def crash_and_rerun(trained_lake, source) -> dict:
     lake, logs = trained_lake, trained_lake.parent
     pattern = str(source / "part-00000{0..2}.tar")
-    # A staged piece lives a moment (until its shard is published); a shard's manifest part lives
-    # until the refresh ends: either proves the pipeline is writing, and polling for the staged
-    # piece alone could miss every one of them.
-    mid_way = lambda: (list(lake.glob("_staging/*/features/*/*.parquet"))  # noqa: E731
-                       + list((lake / "manifest").glob("*-part-*.parquet")))
-    first = start_refresh(pattern, str(lake), logs / "first.log")
-    try:
-        seen_mid_way = wait_until(mid_way, first, logs / "first.log", "staged features or a recorded shard")
-    finally:
-        kill(first)
-    at_kill = {"mid_way": seen_mid_way,
-               "manifest": (lake / "manifest" / "manifest.parquet").exists(),
-               "recorded": len(list((lake / "manifest").glob("*-part-*.parquet")))}
+    first, at_kill = killed_mid_way(lake, pattern, logs / "first.log")
 
     second = start_refresh(pattern, str(lake), logs / "second.log")
     try:
