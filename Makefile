@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ venv: $(INSTALLED)
 demo: $(INSTALLED)
 	$(PY) jobs/demo.py --workdir demo-lake
 
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(PY) -m pytest
+
+# the report's test opens it in Debian's chromium (installed here: the test setup runs as root)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 clean:
 	rm -rf demo-lake .pytest_cache

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, at_least, run_job
+from rayclust.cli import JobArgumentParser, add_thumbnails_flag, at_least, run_job
 
 
 def build_parser() -> JobArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> JobArgumentParser:
                         help="augmented views embedded per image besides the clean one; 0 for models that read "
                              "only the clean embedding and its neighbours (default: %(default)s)")
     parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
+    add_thumbnails_flag(parser)
     parser.add_argument("--redo", action="store_true",
                         help="embed shards again even if their features were made from the same file with the "
                              "same encoder and views (by default a run again does only what is missing)")
@@ -33,7 +34,7 @@ def main() -> None:
 
     from rayclust.features import embed
 
-    summary = embed(args.shards, args.lake, args.encoder, args.views, args.batch_size, args.redo)
+    summary = embed(args.shards, args.lake, args.encoder, args.views, args.batch_size, args.redo, args.thumbnails)
     print(summary, flush=True)
     if summary.failures:
         sys.exit(1)

@@ -19,6 +19,9 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--redo", action="store_true",
                         help="label every shard again, even those this model already labelled from the same "
                              "features (by default a run again does only what is missing)")
+    parser.add_argument("--vocabulary", default=None, metavar="FILE",
+                        help="open_clip encoders: name clusters from these words, one per line (default: the "
+                             "ImageNet-1k class names; effnet-lite0 always names them with its ImageNet classes)")
     return parser
 
 
@@ -27,7 +30,7 @@ def main() -> None:
 
     from rayclust.labels import infer
 
-    summary = infer(args.lake, args.batch_size, redo=args.redo)
+    summary = infer(args.lake, args.batch_size, redo=args.redo, vocabulary=args.vocabulary)
     if summary.failures:
         sys.exit(1)
 

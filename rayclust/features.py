@@ -4,12 +4,15 @@ Stages (``rayclust.stages``): CPU tasks decode images and cut the clean and augm
 uint8 pixels (``pixel_views``); an actor pool runs the encoder (``Embedder``: GPU when the
 cluster has one, with pinned, non-blocking copies and fp16 autocast); ``commit.PieceWriter``
 stages the rows and each shard is published as soon as it is complete. Results land in
-``LAKE/features/`` (one Parquet file per shard); bad samples in ``LAKE/errors/`` with a reason.
+``LAKE/features/`` (one Parquet file per shard), each row with a small JPEG thumbnail of its image
+for the report (``thumbnail``; null with ``thumbnails=False``); bad samples in ``LAKE/errors/``
+with a reason.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 import time
 from collections import Counter
@@ -20,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from PIL import Image
 
 from rayclust.commit import (CommitSummary, Output, ShardResult, commit_as_shards_finish, file_name, fingerprint_of,
                              publish_shard,
@@ -35,7 +39,9 @@ from rayclust.runtime import DECODE_CPUS, WRITE_CPUS, cluster_gpus, encoder_pool
 from rayclust.shards import ROWS_PER_BLOCK, read_shards
 from rayclust.stages import Stage, run
 
-FEATURE_COLUMNS = ("key", "label", "embedding", "views", "encoder")
+FEATURE_COLUMNS = ("key", "label", "embedding", "views", "encoder", "thumbnail")
+THUMBNAIL_PIXELS = 96  # the longer side: a report's contact sheet, not a preview to zoom into
+THUMBNAIL_QUALITY = 80
 ENCODER_MEMORY = 2**30
 
 
@@ -63,11 +69,13 @@ class EmbedSummary:
         return "\n".join(lines)
 
 
-def pixel_views(batch: pa.Table, encoder: str, views: int) -> dict[str, np.ndarray]:
-    """CPU stage: decode each image and stack its clean view and ``views`` augmented views as uint8."""
+def pixel_views(batch: pa.Table, encoder: str, views: int, thumbnails: bool = True) -> dict[str, np.ndarray]:
+    """CPU stage: decode each image and stack its clean view and ``views`` augmented views as uint8;
+    with ``thumbnails``, also its thumbnail (JPEG bytes; b"" for none)."""
     preprocessing = cached_preprocessing(encoder)
     size = preprocessing.image_size
     pixels = np.zeros((batch.num_rows, 1 + views, 3, size, size), np.uint8)
+    small = np.full(batch.num_rows, b"", dtype=object)  # b"", not None: Ray turns all-None columns into NaN
     errors = batch.column("error").to_pylist()
     for i, data in enumerate(batch.column("image").to_pylist()):
         if errors[i] is not None:
@@ -79,6 +87,8 @@ def pixel_views(batch: pa.Table, encoder: str, views: int) -> dict[str, np.ndarr
             continue
         stack = [preprocessing.clean(image)] + [preprocessing.augment(image) for _ in range(views)]
         pixels[i] = torch.stack(stack).numpy()
+        if thumbnails:
+            small[i] = thumbnail_jpeg(image)
     return {
         "key": batch.column("key").to_numpy(zero_copy_only=False),
         "shard": batch.column("shard").to_numpy(zero_copy_only=False),
@@ -86,7 +96,17 @@ def pixel_views(batch: pa.Table, encoder: str, views: int) -> dict[str, np.ndarr
         "error": np.array([e or "" for e in errors], dtype=str),  # "" = good; Ray turns all-None columns into NaN
         "shard_rows": batch.column("shard_rows").fill_null(0).to_numpy(),
         "pixels": pixels,
+        "thumbnail": small,
     }
+
+
+def thumbnail_jpeg(image: Image.Image) -> bytes:
+    """The image shrunk to THUMBNAIL_PIXELS on its longer side, as JPEG bytes."""
+    small = image.copy()
+    small.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=THUMBNAIL_QUALITY)
+    return out.getvalue()
 
 
 @functools.lru_cache(maxsize=4)
@@ -135,6 +155,7 @@ def feature_rows(batch: dict[str, np.ndarray], features: np.ndarray, encoder: st
         np.arange(0, n * (v - 1) * d + 1, d, dtype=np.int32), features[:, 1:].ravel()
     )
     views = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * (v - 1), view_vectors)  # v - 1 may be 0
+    thumbnails = batch.get("thumbnail", np.full(n, b"", dtype=object))
     return pa.table(
         {
             "key": pa.array(batch["key"], pa.string()),
@@ -143,13 +164,14 @@ def feature_rows(batch: dict[str, np.ndarray], features: np.ndarray, encoder: st
             "embedding": embedding,
             "views": views,
             "encoder": pa.array([encoder] * n, pa.string()),
+            "thumbnail": pa.array([t or None for t in thumbnails], pa.binary()),
             "error": pa.array([e or None for e in batch["error"]], pa.string()),
             "shard_rows": pa.array(batch["shard_rows"], pa.int64()),
         }
     )
 
 
-def embedding_stages(encoder: str, views: int, batch_size: int) -> list[Stage]:
+def embedding_stages(encoder: str, views: int, batch_size: int, thumbnails: bool = True) -> list[Stage]:
     """Decode (CPU tasks) and encode (an actor pool) as stages: shared by embed and refresh.
 
     The encoder declares its memory, which also keeps Ray from fusing the two into one operator
@@ -157,19 +179,20 @@ def embedding_stages(encoder: str, views: int, batch_size: int) -> list[Stage]:
     """
     gpus = 1.0 if cluster_gpus() else 0.0
     return [
-        Stage(pixel_views, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS, kwargs={"encoder": encoder, "views": views}),
+        Stage(pixel_views, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS, kwargs={"encoder": encoder, "views": views, "thumbnails": thumbnails}),
         Stage(Embedder, batch_size=batch_size, batch_format="numpy", num_gpus=gpus, memory=ENCODER_MEMORY,
               actors=encoder_pool(), kwargs={"encoder": encoder, "threads": 1}),
     ]
 
 
 def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: int = 256,
-          redo: bool = False) -> EmbedSummary:
+          redo: bool = False, thumbnails: bool = True) -> EmbedSummary:
     """Embed every sample of the shards matching ``shards`` into ``LAKE/features/``.
 
     A shard already embedded from the same source file with the same encoder and views is
     skipped (so a killed run, run again, does only the rest) unless ``redo``; embedding a shard
-    replaces its partitions of the features and errors tables.
+    replaces its partitions of the features and errors tables. ``thumbnails``: store each image's
+    thumbnail beside its features (not part of what makes a shard "already embedded").
     """
     check_embed_settings(encoder, views)
     source = list_source(shards)
@@ -178,7 +201,7 @@ def embed(shards: str, lake_uri: str, encoder: str, views: int = 2, batch_size: 
     with LakeLock(lake, "embed") as lock:  # taken before Ray starts: a refused job costs seconds
         init_ray()
         require_shared(lake.uri, "lake")
-        return embed_locked(lake, lock, source, encoder, views, batch_size, redo)
+        return embed_locked(lake, lock, source, encoder, views, batch_size, redo, thumbnails)
 
 
 def check_embed_settings(encoder: str, views: int) -> None:
@@ -191,19 +214,20 @@ def check_embed_settings(encoder: str, views: int) -> None:
 
 
 def embed_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], encoder: str, views: int,
-                 batch_size: int, redo: bool) -> EmbedSummary:
+                 batch_size: int, redo: bool, thumbnails: bool) -> EmbedSummary:
     started, write_id = time.time(), new_write_id()
     lake.discard_staging(keep=write_id)
     done = set() if redo else embedded_shards(lake, source, encoder, views)
     todo = [s for s in source if s.name not in done]
     print(f"embed {len(source)} shards into {lake.uri}: {len(todo)} to embed, {len(done)} already done", flush=True)
-    committed = embed_shards(lake, lock, todo, encoder, views, batch_size, write_id) if todo else CommitSummary()
+    committed = (embed_shards(lake, lock, todo, encoder, views, batch_size, write_id, thumbnails) if todo
+                 else CommitSummary())
     return EmbedSummary(committed.shards, committed.rows, committed.bad, committed.reasons, time.time() - started,
                         len(done), committed.failures)
 
 
 def embed_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], encoder: str, views: int, batch_size: int,
-                 write_id: str, extra: tuple[Stage, ...] = (), outputs: tuple[Output, ...] = (),
+                 write_id: str, thumbnails: bool, extra: tuple[Stage, ...] = (), outputs: tuple[Output, ...] = (),
                  on_published: Callable[[ShardResult], None] = lambda result: None,
                  labelled_by: str | None = None) -> CommitSummary:
     """Run the embedding pipeline (plus ``extra`` stages and ``outputs``: refresh's labels, by
@@ -212,7 +236,8 @@ def embed_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], encoder: s
     tables = (Output(FEATURES, FEATURE_COLUMNS), *outputs)
     writer = Stage(write_pieces, num_cpus=WRITE_CPUS,
                    kwargs={"lake": lake, "write_id": write_id, "outputs": tables, "stage": "embed"})
-    records = run(read_shards([s.uri for s in todo]), *embedding_stages(encoder, views, batch_size), *extra, writer)
+    records = run(read_shards([s.uri for s in todo]), *embedding_stages(encoder, views, batch_size, thumbnails),
+                  *extra, writer)
     return commit_as_shards_finish(records, lake, write_id, tuple(t.table for t in tables) + (ERRORS,), FEATURES,
                                    Progress("embed", len(todo)), fingerprints, before_publish=lock.check,
                                    on_published=on_published)

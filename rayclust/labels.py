@@ -1,7 +1,9 @@
 """Features become labels: batch inference with the LATEST model over the feature table.
 
 Writes ``LAKE/labels/`` (one Parquet file per shard): exactly one row per feature row with
-``key, cluster, confidence, model_version, labeled_at`` (and ``write_id``). Each shard is
+``key, cluster, confidence, distance, model_version, labeled_at`` (and ``write_id``; ``distance``
+is the row's cosine distance to its cluster's centre) and the model's clusters table
+(``rayclust.clusters``: sizes, centres, names). Each shard is
 published as soon as all its rows are labelled (``rayclust.commit``), so a killed run keeps what
 it finished, and running it again labels only the shards not yet labelled by this model from
 these features.
@@ -24,6 +26,8 @@ import ray
 import torch
 from ray.data.datasource import FileBasedDatasource
 
+from rayclust.clusters import (ClusterDescription, centre_distances, clusters_file, describe_clusters,
+                               sample_centres)
 from rayclust.commit import (CommitSummary, Output, commit_as_shards_finish, fingerprint_of, published_path,
                              write_pieces)
 from rayclust.errors import UserError
@@ -32,6 +36,7 @@ from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, filesystem_for, list_t
 from rayclust.lock import LakeLock
 from rayclust.models import is_image_model
 from rayclust.models.checkpoint import checkpoint_description, latest_model, load_model
+from rayclust.naming import check_vocabulary_fits, read_vocabulary
 from rayclust.progress import Progress
 from rayclust.runtime import (LABELER_CPUS, WRITE_CPUS, encoder_pool, init_ray, labeler_gpus, labeler_pool,
                               require_shared)
@@ -43,7 +48,7 @@ from rayclust.views import clean_images
 if TYPE_CHECKING:
     from rayclust.evaluation import QualityReport
 
-LABEL_COLUMNS = ("key", "cluster", "confidence", "model_version", "labeled_at")
+LABEL_COLUMNS = ("key", "cluster", "confidence", "distance", "model_version", "labeled_at")
 
 
 @dataclass
@@ -100,7 +105,8 @@ class Labeler:
     it and hands it over: an actor that read it from the store would, if the store stopped
     answering, end the job in Ray's report of a failed actor creation, not in one line."""
 
-    def __init__(self, model: torch.nn.Module, latest: dict, threads: int):
+    def __init__(self, model: torch.nn.Module, latest: dict, threads: int, centres: np.ndarray | None = None):
+        self.centres = centres
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(threads)
@@ -111,30 +117,38 @@ class Labeler:
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = batch.column("error").is_null().to_numpy(zero_copy_only=False)
         probabilities = np.zeros((batch.num_rows, self.clusters), np.float32)
+        distance = np.full(batch.num_rows, np.nan, np.float32)
         if good.any():
             rows = batch.filter(pa.array(good)).column("embedding")
-            features = torch.from_numpy(list_to_numpy(rows, len(rows[0]))).to(self.device)
+            embeddings = list_to_numpy(rows, len(rows[0]))
             with torch.no_grad():
-                probabilities[good] = self.model.predict(features).float().cpu().numpy()
-        return with_labels(batch, probabilities, self.version)
+                probabilities[good] = self.model.predict(torch.from_numpy(embeddings).to(self.device)).float().cpu().numpy()
+            if self.centres is not None:
+                distance[good] = centre_distances(embeddings, probabilities[good].argmax(1), self.centres)
+        return with_labels(batch, probabilities, self.version, distance)
 
 
-def with_labels(batch: pa.Table, probabilities: np.ndarray, version: str) -> pa.Table:
+def with_labels(batch: pa.Table, probabilities: np.ndarray, version: str, distance: np.ndarray) -> pa.Table:
+    """``distance``: NaN (stored as null) where a row has no centre to measure from."""
     n = batch.num_rows
     return (batch.append_column("cluster", pa.array(probabilities.argmax(1), pa.int32()))
             .append_column("confidence", pa.array(probabilities.max(1), pa.float32()))
+            .append_column("distance", pa.array(distance, pa.float32(), from_pandas=True))
             .append_column("model_version", pa.array([version] * n, pa.string()))
             .append_column("labeled_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC"))))
 
 
-def labeler_stage(model: torch.nn.Module, latest: dict, batch_size: int) -> Stage:
+def labeler_stage(model: torch.nn.Module, latest: dict, batch_size: int, centres: np.ndarray) -> Stage:
     return Stage(Labeler, batch_size=batch_size, num_cpus=LABELER_CPUS, num_gpus=labeler_gpus(), actors=labeler_pool(),
-                 kwargs={"model": model, "latest": latest, "threads": 1})
+                 kwargs={"model": model, "latest": latest, "threads": 1, "centres": centres})
 
 
-def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bool = False) -> InferSummary:
+def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bool = False,
+          vocabulary: str | None = None) -> InferSummary:
     """Label every feature row with the LATEST model (shards it already labelled from the same
-    features are skipped unless ``redo``); ``evaluate`` prints ACC/NMI/ARI on a bounded sample."""
+    features are skipped unless ``redo``) and describe its clusters (names from ``vocabulary``, a
+    file, or the encoder's default); ``evaluate`` prints ACC/NMI/ARI on a bounded sample."""
+    words = read_vocabulary(vocabulary) if vocabulary else None
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
     description = checkpoint_description(lake, latest)
@@ -144,19 +158,35 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     features = lake.newest_files(FEATURES)
     if not features:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
+    encoder = feature_encoder(lake, features)
+    check_vocabulary_fits(encoder, words)
     with LakeLock(lake, "infer") as lock:
         init_ray()
         require_shared(lake.uri, "lake")
-        summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo)
-    print(summary, flush=True)
+        centres = sample_centres(lake, features, model, latest["clusters"])
+        summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo, centres.unit)
+        print(summary, flush=True)
+        described = describe_clusters(lake, latest, encoder, centres, list(label_files.values()), words)
+    print(clusters_line(lake, latest, described), flush=True)
     report = evaluate_labels(lake, latest["clusters"], features, label_files) if evaluate else None
     if report:
         print(report, flush=True)
     return summary
 
 
+def feature_encoder(lake: Lake, features: dict[str, str]) -> str:
+    """The encoder spec the feature table was made with (files: shard -> path)."""
+    return read_sample(lake, features, ["encoder"], 1).column("encoder")[0].as_py()
+
+
+def clusters_line(lake: Lake, latest: dict, described: list[ClusterDescription]) -> str:
+    named = [d.name for d in sorted(described, key=lambda d: -d.size) if d.names.name][:5]
+    line = f"clusters of {latest['model_version']}: {lake.path(*clusters_file(latest['model_version']))}"
+    return line + (f" (largest: {', '.join(named)})" if named else " (numbered: the encoder names nothing)")
+
+
 def infer_locked(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dict, features: dict[str, str],
-                 batch_size: int, redo: bool) -> tuple[InferSummary, dict[str, str]]:
+                 batch_size: int, redo: bool, centres: np.ndarray) -> tuple[InferSummary, dict[str, str]]:
     """The summary, and each shard's label file after the run (shard -> path)."""
     started, write_id = time.time(), new_write_id()
     lake.discard_staging(keep=write_id)
@@ -166,7 +196,7 @@ def infer_locked(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dic
     todo = [s for s in features if labelled.get(s) != fingerprints[s][LABELS]]
     print(f"infer {len(features)} shards of {lake.uri} with {latest['model_version']}: {len(todo)} to label", flush=True)
     committed = label_shards(lake, lock, model, latest, [features[s] for s in todo], batch_size, write_id,
-                             fingerprints) if todo else CommitSummary()
+                             fingerprints, centres) if todo else CommitSummary()
     label_files.update({s: published_path(lake, LABELS, s, write_id, fingerprints[s][LABELS])
                         for s in committed.published})
     return InferSummary(latest["model_version"], committed.shards, committed.rows, time.time() - started,
@@ -174,12 +204,13 @@ def infer_locked(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dic
 
 
 def label_shards(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dict, files: list[str],
-                 batch_size: int, write_id: str, fingerprints: dict[str, dict[str, str]]) -> CommitSummary:
+                 batch_size: int, write_id: str, fingerprints: dict[str, dict[str, str]],
+                 centres: np.ndarray) -> CommitSummary:
     rows = ray.data.read_datasource(FeatureFileReader(files, ["key", "embedding"], filesystem=lake.arrow_fs),
                                     num_cpus=READ_CPUS)
     writer = Stage(write_pieces, num_cpus=WRITE_CPUS, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
                                                         "outputs": (Output(LABELS, LABEL_COLUMNS),)})
-    records = run(rows, labeler_stage(model, latest, batch_size), writer)
+    records = run(rows, labeler_stage(model, latest, batch_size, centres), writer)
     return commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS, Progress("infer", len(files)),
                                    fingerprints, before_publish=lock.check)
 
@@ -220,7 +251,7 @@ class ImageLabeler(Labeler):
         rows = pa.table({"key": pa.array(batch["key"], pa.string()), "shard": pa.array(batch["shard"], pa.string()),
                          "error": pa.array([e or None for e in batch["error"]], pa.string()),
                          "shard_rows": pa.array(batch["shard_rows"], pa.int64())})
-        return with_labels(rows, probabilities, self.version)
+        return with_labels(rows, probabilities, self.version, np.full(len(good), np.nan, np.float32))
 
 
 def infer_images(lake: Lake, model: torch.nn.Module, latest: dict, description: dict, batch_size: int,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 import torch
 
+from rayclust.clusters import centres_for
 from rayclust.commit import Output, ShardResult, fingerprint_of, published_path
 from rayclust.drift import Drift, baseline, label_stats
 from rayclust.errors import UserError
@@ -27,6 +28,7 @@ from rayclust.lock import DEFAULT_TTL_S, LakeLock
 from rayclust.manifest import (SourceShard, compact_manifest, list_source, manifest_entry, plan_refresh,
                                read_manifest, record_shards)
 from rayclust.models.checkpoint import CONFIG_FILE, latest_model, load_model
+from rayclust.refresh_history import RefreshRecord, now_utc, write_refresh_record
 from rayclust.runtime import init_ray, require_shared
 
 EXIT_DRIFT = 3
@@ -44,6 +46,7 @@ class RefreshSettings:
     max_confidence_drop: float = 0.1
     max_cluster_shift: float = 0.25
     lock_ttl_s: float = DEFAULT_TTL_S
+    thumbnails: bool = True
 
 
 @dataclass
@@ -114,8 +117,19 @@ def refresh(settings: RefreshSettings) -> RefreshReport:
         if lock.took_over:
             print(f"took over the stale lock of {lock.took_over.describe()}", flush=True)
         report = refresh_locked(lake, lock, source, latest, model, settings)
+        write_refresh_record(lake, refresh_record(report))
     report.seconds = time.time() - started
     return report
+
+
+def refresh_record(report: RefreshReport) -> RefreshRecord:
+    drift = report.drift
+    new, reference = (drift.new, drift.baseline) if drift else (None, None)
+    return RefreshRecord(now_utc(), report.model_version, report.new, report.changed, report.samples,
+                         report.bad_samples, len(report.failures), new.mean_confidence if new else None,
+                         reference.mean_confidence if reference else None,
+                         drift.cluster_shift if drift and new and reference else None,
+                         bool(drift and drift.detected))
 
 
 def refresh_locked(lake: Lake, lock: LakeLock, source: list[SourceShard], latest: dict, model: torch.nn.Module,
@@ -180,8 +194,9 @@ def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: 
         labels = shard_fingerprints(shard, encoder, views, write_id, latest["model_version"])[LABELS]
         done[result.shard] = published_path(lake, LABELS, result.shard, write_id, labels)
 
-    committed = embed_shards(lake, lock, todo, encoder, views, settings.batch_size, write_id,
-                             extra=(labeler_stage(model, latest, settings.infer_batch_size),),
+    committed = embed_shards(lake, lock, todo, encoder, views, settings.batch_size, write_id, settings.thumbnails,
+                             extra=(labeler_stage(model, latest, settings.infer_batch_size,
+                                                  centres_for(lake, latest, model)),),
                              outputs=(Output(LABELS, LABEL_COLUMNS),), on_published=record,
                              labelled_by=latest["model_version"])
     report.samples, report.bad_samples, report.failures = committed.rows, committed.bad, committed.failures

@@ -1,5 +1,5 @@
 """The lake (rayclust.lake) on a real S3 API (SeaweedFS ``weed mini``): the tables embed -> train ->
-infer write there, as pyarrow and DuckDB read them.
+infer -> report write there, as pyarrow and DuckDB read them, and the report as Chromium shows it.
 
 The flow runs once (module fixture) on two drawn JPEG shards uploaded to ``s3://BUCKET/drawn/``;
 the tests then check what landed in ``s3://BUCKET/lake``. The same on a local lake:
@@ -7,13 +7,17 @@ tests/test_features.py.
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import TINY_ENCODER
 
@@ -25,6 +29,7 @@ CLUSTERS = 10
 def s3_pipeline(s3_server, drawn_shards_on_s3, ray_session) -> dict:
     from rayclust.features import embed
     from rayclust.labels import infer
+    from rayclust.report import write_report
     from rayclust.training import TrainSettings, train
 
     lake = f"s3://{s3_server.bucket}/lake"
@@ -33,8 +38,18 @@ def s3_pipeline(s3_server, drawn_shards_on_s3, ray_session) -> dict:
     latest = train(TrainSettings(lake, "mfavb", clusters=CLUSTERS, epochs=2, batch_size=64, run="s3-run",
                                  self_label_epochs=1))
     inferred = infer(lake, batch_size=512)
-    return {"lake": lake, "embedded": embedded, "latest": latest, "inferred": inferred,
+    report = write_report(lake)
+    return {"lake": lake, "embedded": embedded, "latest": latest, "inferred": inferred, "report": report,
             "fs": s3_server.filesystem(), "root": f"{s3_server.bucket}/lake"}
+
+
+@pytest.fixture(scope="module")
+def duck(s3_pipeline) -> duckdb.DuckDBPyConnection:
+    """DuckDB reading s3:// through the lake's own fsspec (s3fs) filesystem: its httpfs extension
+    cannot be downloaded offline."""
+    con = duckdb.connect()
+    con.register_filesystem(s3_pipeline["fs"])
+    return con
 
 
 def test_feature_table_on_s3_has_every_sample_as_plain_lists(s3_pipeline):
@@ -63,13 +78,9 @@ def test_latest_points_at_the_trained_checkpoint(s3_pipeline):
     assert fs.exists(f"{root}/{latest['checkpoint']}/model.pt")
 
 
-def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline):
-    fs, root = s3_pipeline["fs"], s3_pipeline["root"]
+def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline, duck):
+    root, con = s3_pipeline["root"], duck
     assert s3_pipeline["inferred"].rows == 2 * SAMPLES
-    # DuckDB's httpfs extension cannot be downloaded offline, so DuckDB reads s3:// through the
-    # same fsspec (s3fs) filesystem the lake uses, registered with DuckDB.
-    con = duckdb.connect()
-    con.register_filesystem(fs)
     rows, keys, low, high, min_conf, max_conf, versions, shards = con.execute(f"""
         SELECT count(*), count(DISTINCT key), min(cluster), max(cluster), min(confidence),
                max(confidence), list(DISTINCT model_version), count(DISTINCT shard)
@@ -85,3 +96,79 @@ def test_labels_on_s3_one_per_key_read_with_duckdb(s3_pipeline):
         ANTI JOIN read_parquet('s3://{root}/labels/*/*.parquet') l USING (key)
     """).fetchone()[0]
     assert unlabelled == 0
+
+
+def test_clusters_table_names_sizes_and_centres_read_with_duckdb(s3_pipeline, duck):
+    from rayclust.naming import TOP_NAMES, imagenet_classnames
+
+    root, version = s3_pipeline["root"], s3_pipeline["latest"]["model_version"]
+    rows = duck.execute(f"""
+        SELECT cluster, model_version, size, mean_confidence, name, top_names, centre
+        FROM read_parquet('s3://{root}/clusters/*/*.parquet') ORDER BY cluster""").fetchall()
+    assert [r[0] for r in rows] == list(range(CLUSTERS)) and {r[1] for r in rows} == {version}
+    labels = dict(duck.execute(f"SELECT cluster, count(*) FROM read_parquet('s3://{root}/labels/*/*.parquet') "
+                               "GROUP BY cluster").fetchall())
+    assert {r[0]: r[2] for r in rows if r[2]} == labels and sum(r[2] for r in rows) == 2 * SAMPLES
+    words = set(imagenet_classnames())  # the tiny open_clip encoder's text tower names from ImageNet's classes
+    named = [r[4] for r in rows if r[2]]
+    assert len(set(named)) == len(named), named  # one word per cluster
+    for cluster, _, size, confidence, name, top_names, centre in rows:
+        if size == 0:
+            assert confidence is None
+            continue
+        assert 0 < confidence <= 1 and name in words and top_names[0]["name"] in words
+        assert len(top_names) == TOP_NAMES and top_names[0]["score"] >= top_names[-1]["score"]
+        assert len(centre) == 64 and abs(np.linalg.norm(centre) - 1) < 1e-4
+
+
+def test_label_distance_is_the_cosine_distance_to_the_cluster_centre(s3_pipeline, duck):
+    root = s3_pipeline["root"]
+    rows, nulls, worst_error, low, high = duck.execute(f"""
+        SELECT count(*), count(*) FILTER (WHERE l.distance IS NULL),
+               max(abs(l.distance - (1 - list_cosine_similarity(f.embedding, c.centre)))),
+               min(l.distance), max(l.distance)
+        FROM read_parquet('s3://{root}/labels/*/*.parquet') l
+        JOIN read_parquet('s3://{root}/features/*/*.parquet') f USING (key)
+        JOIN read_parquet('s3://{root}/clusters/*/*.parquet') c USING (cluster)""").fetchone()
+    assert rows == 2 * SAMPLES and nulls == 0  # every cluster has members among the 200 sampled rows
+    assert worst_error < 1e-4 and 0 <= low < high <= 2
+
+
+def test_features_carry_a_jpeg_thumbnail_of_each_image(s3_pipeline):
+    fs, root = s3_pipeline["fs"], s3_pipeline["root"]
+    table = pads.dataset(f"{root}/features", filesystem=fs, partitioning="hive").to_table(columns=["thumbnail"])
+    thumbnails = table.column("thumbnail").to_pylist()
+    assert len(thumbnails) == 2 * SAMPLES and all(thumbnails)
+    sizes = {Image.open(io.BytesIO(t)).size for t in thumbnails}
+    assert sizes == {(32, 32)}  # the drawn images are 32 px: a thumbnail never enlarges
+
+
+def test_report_opens_in_chromium_with_every_cluster_named_and_its_images_loaded(s3_pipeline, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    fs, report = s3_pipeline["fs"], s3_pipeline["report"]
+    assert report.path == f"{s3_pipeline['lake']}/reports/s3-run/epoch-3/index.html" and report.images == 2 * SAMPLES
+    page_file = tmp_path / "index.html"
+    fs.get(report.path, str(page_file))
+    clusters = pq.read_table(f"{s3_pipeline['root']}/clusters/s3-run/epoch-3.parquet", filesystem=fs).to_pylist()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        failed, errors = [], []
+        page.on("requestfailed", lambda request: failed.append(request.url))
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.goto(page_file.as_uri(), wait_until="load")
+        sections = page.evaluate("""() => Array.from(document.querySelectorAll('section.cluster')).map(s => ({
+            cluster: Number(s.dataset.cluster), title: s.querySelector('h3').innerText,
+            images: Array.from(s.querySelectorAll('img')).map(i => i.complete && i.naturalWidth)}))""")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert not failed and not errors, (failed, errors)
+    assert sorted(s["cluster"] for s in sections) == list(range(CLUSTERS))
+    for section in sections:
+        row = clusters[section["cluster"]]
+        assert section["title"].startswith(row["name"]), section
+        # the report samples every shard of a two-shard lake: each non-empty cluster shows images
+        assert (len(section["images"]) > 0) == (row["size"] > 0), section
+        assert all(width == 32 for width in section["images"]), section  # every image decoded
+    assert Image.open(tmp_path / "report.png").size[1] > 900  # the whole page, not a blank viewport

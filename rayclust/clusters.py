@@ -1,0 +1,160 @@
+"""Labels become cluster descriptions: each cluster's centre, size, mean confidence and names.
+
+``LAKE/clusters/<model_version>.parquet`` (e.g. ``clusters/demo/epoch-35.parquet``), one row per
+cluster: ``cluster, model_version, size, mean_confidence, name, top_names`` (a list of
+``{name, score}``, best first) and ``centre`` (unit vector in the encoder's space).
+
+- Centres come first, from a bounded sample (CENTRE_ROWS rows of the feature table, file by
+  file, labelled on the driver): the normalised mean of each cluster's clean embeddings. The
+  labellers get them, so each label row carries ``distance``, its cosine distance to its
+  cluster's centre (SQL sorts a cluster from typical to odd with it).
+- Sizes and mean confidences count every label, aggregated by Ray Data (a groupby over the
+  label files' two columns): exact at any size, and only K rows reach the driver.
+- Names: ``rayclust.naming``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from rayclust.lake import FEATURES, Lake, list_to_numpy, read_sample
+from rayclust.naming import ClusterNames, name_clusters
+
+CLUSTERS = "clusters"
+CENTRE_ROWS = 50_000
+PREDICT_ROWS = 8192  # rows per forward pass on the driver
+NAME_STRUCT = pa.struct([("name", pa.string()), ("score", pa.float32())])
+CLUSTER_SCHEMA = pa.schema([("cluster", pa.int32()), ("model_version", pa.string()), ("size", pa.int64()),
+                            ("mean_confidence", pa.float32()), ("name", pa.string()),
+                            ("top_names", pa.list_(NAME_STRUCT)), ("centre", pa.list_(pa.float32()))])
+
+
+@dataclass
+class Centres:
+    """Per cluster, from a bounded sample: ``unit`` [K, D] (NaN rows for a cluster with no
+    member in the sample), ``mean`` [K, D] the members' mean embedding, ``members`` [K]."""
+
+    unit: np.ndarray
+    mean: np.ndarray
+    members: np.ndarray
+
+
+@dataclass
+class ClusterDescription:
+    cluster: int
+    size: int
+    mean_confidence: float | None
+    names: ClusterNames
+
+    @property
+    def name(self) -> str:
+        return self.names.name or f"cluster {self.cluster}"
+
+
+def clusters_file(model_version: str) -> tuple[str, ...]:
+    return (CLUSTERS, f"{model_version}.parquet")
+
+
+def sample_centres(lake: Lake, features: dict[str, str], model: torch.nn.Module, clusters: int) -> Centres:
+    """Centres of the model's clusters over the first CENTRE_ROWS feature rows (files: shard -> path)."""
+    sample = read_sample(lake, features, ["embedding"], CENTRE_ROWS)
+    dim = len(sample.column("embedding")[0])
+    embeddings = list_to_numpy(sample.column("embedding"), dim)
+    assigned = np.concatenate([predicted_clusters(model, embeddings[i:i + PREDICT_ROWS])
+                               for i in range(0, len(embeddings), PREDICT_ROWS)])
+    return centres_of(embeddings, assigned, clusters)
+
+
+def predicted_clusters(model: torch.nn.Module, embeddings: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.predict(torch.from_numpy(embeddings)).argmax(1).numpy()
+
+
+def centres_of(embeddings: np.ndarray, assigned: np.ndarray, clusters: int) -> Centres:
+    members = np.bincount(assigned, minlength=clusters)
+    sums = np.zeros((clusters, embeddings.shape[1]), np.float64)
+    np.add.at(sums, assigned, unit_rows(embeddings))
+    raw = np.zeros_like(sums)
+    np.add.at(raw, assigned, embeddings)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (raw / members[:, None]).astype(np.float32)
+        unit = unit_rows(sums).astype(np.float32)  # 0/0 for an empty cluster: NaN, "no centre"
+    return Centres(unit, mean, members)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def centre_distances(embeddings: np.ndarray, assigned: np.ndarray, unit_centres: np.ndarray) -> np.ndarray:
+    """Cosine distance of each row to its cluster's centre; NaN where the cluster has none."""
+    similarity = np.einsum("nd,nd->n", unit_rows(embeddings), unit_centres[assigned])
+    return (1.0 - similarity).astype(np.float32)
+
+
+def stored_centres(lake: Lake, model_version: str) -> np.ndarray | None:
+    """The unit centres the model's infer wrote to the clusters table, if it did."""
+    path = lake.path(*clusters_file(model_version))
+    if not lake.fs.exists(path):
+        return None
+    rows = pq.read_table(path, columns=["cluster", "centre"], filesystem=lake.arrow_fs).sort_by("cluster")
+    dim = max((len(c) for c in rows.column("centre").to_pylist() if c), default=0)
+    return np.array([c if c else [np.nan] * dim for c in rows.column("centre").to_pylist()], np.float32)
+
+
+def centres_for(lake: Lake, latest: dict, model: torch.nn.Module) -> np.ndarray:
+    """The unit centres to label new rows with: infer's, or (before any infer) a fresh sample's."""
+    stored = stored_centres(lake, latest["model_version"])
+    if stored is not None:
+        return stored
+    return sample_centres(lake, lake.newest_files(FEATURES), model, latest["clusters"]).unit
+
+
+def label_counts(lake: Lake, label_files: list[str], clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(size, mean confidence) of each cluster over every row of ``label_files``, by Ray Data."""
+    import ray
+    from ray.data.aggregate import Count, Mean
+
+    counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs).select_columns(["cluster", "confidence"])
+              .groupby("cluster").aggregate(Count(), Mean("confidence")).take_all())
+    sizes, confidence = np.zeros(clusters, np.int64), np.full(clusters, np.nan, np.float32)
+    for row in counts:
+        sizes[row["cluster"]], confidence[row["cluster"]] = row["count()"], row["mean(confidence)"]
+    return sizes, confidence
+
+
+def describe_clusters(lake: Lake, latest: dict, encoder: str, centres: Centres, label_files: list[str],
+                      vocabulary: list[str] | None) -> list[ClusterDescription]:
+    """Write the model's clusters table and return its rows."""
+    sizes, confidence = label_counts(lake, label_files, latest["clusters"])
+    names = name_clusters(encoder, centres.unit, centres.mean, vocabulary)
+    described = [ClusterDescription(k, int(sizes[k]), None if np.isnan(confidence[k]) else float(confidence[k]),
+                                    names[k]) for k in range(latest["clusters"])]
+    lake.write_parquet(clusters_table(described, latest["model_version"], centres.unit), *clusters_file(
+        latest["model_version"]))
+    return described
+
+
+def clusters_table(described: list[ClusterDescription], model_version: str, unit_centres: np.ndarray) -> pa.Table:
+    centres = [None if np.isnan(c).any() else c.tolist() for c in unit_centres]
+    return pa.table({
+        "cluster": [d.cluster for d in described],
+        "model_version": [model_version] * len(described),
+        "size": [d.size for d in described],
+        "mean_confidence": [d.mean_confidence for d in described],
+        "name": [d.name for d in described],
+        "top_names": [[{"name": n.name, "score": n.score} for n in d.names.top] for d in described],
+        "centre": centres,
+    }, schema=CLUSTER_SCHEMA)
+
+
+def read_clusters(lake: Lake, model_version: str) -> pa.Table | None:
+    path = lake.path(*clusters_file(model_version))
+    if not lake.fs.exists(path):
+        return None
+    return pq.read_table(path, filesystem=lake.arrow_fs).sort_by("cluster")
