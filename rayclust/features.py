@@ -36,10 +36,10 @@ from rayclust.lock import LakeLock
 from rayclust.manifest import SourceShard, list_source
 from rayclust.progress import Progress
 from rayclust.runtime import DECODE_CPUS, WRITE_CPUS, cluster_gpus, encoder_pool, init_ray, require_shared
-from rayclust.shards import ROWS_PER_BLOCK, read_shards
+from rayclust.shards import ROWS_PER_BLOCK, read_shards, sources_as_numpy
 from rayclust.stages import Stage, run
 
-FEATURE_COLUMNS = ("key", "label", "embedding", "views", "encoder", "thumbnail")
+FEATURE_COLUMNS = ("key", "label", "source", "embedding", "views", "encoder", "thumbnail")
 THUMBNAIL_PIXELS = 96  # the longer side: a report's contact sheet, not a preview to zoom into
 THUMBNAIL_QUALITY = 80
 ENCODER_MEMORY = 2**30
@@ -95,6 +95,7 @@ def pixel_views(batch: pa.Table, encoder: str, views: int, thumbnails: bool = Tr
         "label": batch.column("label").fill_null(-1).to_numpy(),
         "error": np.array([e or "" for e in errors], dtype=str),  # "" = good; Ray turns all-None columns into NaN
         "shard_rows": batch.column("shard_rows").fill_null(0).to_numpy(),
+        "source": sources_as_numpy(batch),
         "pixels": pixels,
         "thumbnail": small,
     }
@@ -156,11 +157,13 @@ def feature_rows(batch: dict[str, np.ndarray], features: np.ndarray, encoder: st
     )
     views = pa.ListArray.from_arrays(np.arange(n + 1, dtype=np.int32) * (v - 1), view_vectors)  # v - 1 may be 0
     thumbnails = batch.get("thumbnail", np.full(n, b"", dtype=object))
+    sources = batch.get("source", np.full(n, "", dtype=object))
     return pa.table(
         {
             "key": pa.array(batch["key"], pa.string()),
             "shard": pa.array(batch["shard"], pa.string()),
             "label": pc.if_else(pc.equal(label, -1), pa.scalar(None, pa.int64()), label),
+            "source": pa.array([s or None for s in sources], pa.string()),
             "embedding": embedding,
             "views": views,
             "encoder": pa.array([encoder] * n, pa.string()),

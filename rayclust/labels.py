@@ -48,7 +48,8 @@ from rayclust.views import clean_images
 if TYPE_CHECKING:
     from rayclust.evaluation import QualityReport
 
-LABEL_COLUMNS = ("key", "cluster", "confidence", "distance", "model_version", "labeled_at")
+LABEL_COLUMNS = ("key", "source", "cluster", "confidence", "distance", "model_version", "labeled_at")
+OPTIONAL_FEATURE_COLUMNS = {"source": pa.string()}  # absent from feature files written before it existed
 
 
 @dataclass
@@ -84,10 +85,15 @@ class FeatureFileReader(FileBasedDatasource):
     def _read_stream(self, stream: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         shard = path.rsplit("/", 2)[-2].split("=", 1)[1]
         parquet = pq.ParquetFile(stream)
-        for batch in parquet.iter_batches(batch_size=ROWS_PER_BLOCK * 4, columns=self.columns):
+        types = {c: OPTIONAL_FEATURE_COLUMNS.get(c) or parquet.schema_arrow.field(c).type for c in self.columns}
+        present = [c for c in self.columns if c in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=ROWS_PER_BLOCK * 4, columns=present):
             rows = pa.Table.from_batches([batch])
+            for column in self.columns:
+                if column not in present:
+                    rows = rows.append_column(column, pa.nulls(rows.num_rows, types[column]))
             yield with_shard(rows, shard, None, None)
-        end = pa.table({c: pa.nulls(1, parquet.schema_arrow.field(c).type) for c in self.columns})
+        end = pa.table({c: pa.nulls(1, types[c]) for c in self.columns})
         yield with_shard(end, shard, END_OF_SHARD, parquet.metadata.num_rows)
 
 
@@ -206,7 +212,7 @@ def infer_locked(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dic
 def label_shards(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dict, files: list[str],
                  batch_size: int, write_id: str, fingerprints: dict[str, dict[str, str]],
                  centres: np.ndarray) -> CommitSummary:
-    rows = ray.data.read_datasource(FeatureFileReader(files, ["key", "embedding"], filesystem=lake.arrow_fs),
+    rows = ray.data.read_datasource(FeatureFileReader(files, ["key", "source", "embedding"], filesystem=lake.arrow_fs),
                                     num_cpus=READ_CPUS)
     writer = Stage(write_pieces, num_cpus=WRITE_CPUS, kwargs={"lake": lake, "write_id": write_id, "stage": "infer",
                                                         "outputs": (Output(LABELS, LABEL_COLUMNS),)})
@@ -249,6 +255,7 @@ class ImageLabeler(Labeler):
             with torch.no_grad():
                 probabilities[good] = self.model.predict(pixels).float().cpu().numpy()
         rows = pa.table({"key": pa.array(batch["key"], pa.string()), "shard": pa.array(batch["shard"], pa.string()),
+                         "source": pa.array([s or None for s in batch["source"]], pa.string()),
                          "error": pa.array([e or None for e in batch["error"]], pa.string()),
                          "shard_rows": pa.array(batch["shard_rows"], pa.int64())})
         return with_labels(rows, probabilities, self.version, np.full(len(good), np.nan, np.float32))

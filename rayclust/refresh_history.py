@@ -1,5 +1,5 @@
-"""Each refresh leaves a record: ``LAKE/refreshes/<finished_at>.json`` (shards added, samples, drift),
-so the report can show the drift signal over time without re-deriving it."""
+"""Each refresh leaves a record: ``LAKE/refreshes/<finished at, to the microsecond>.json`` (shards
+added, samples, drift), so the report can show the drift signal over time without re-deriving it."""
 from __future__ import annotations
 
 import datetime
@@ -27,7 +27,9 @@ class RefreshRecord:
 
 
 def write_refresh_record(lake: Lake, record: RefreshRecord) -> None:
-    lake.write_json(asdict(record), REFRESHES, f"{record.finished_at.replace(':', '-')}.json")
+    """Named by the time it is written: names sort in time order and two runs never share one."""
+    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
+    lake.write_json(asdict(record), REFRESHES, f"{written}.json")
 
 
 def now_utc() -> str:

@@ -37,6 +37,7 @@ TYPICAL, BOUNDARY = 12, 6  # images per cluster: the contact sheet, the boundary
 MAP_POINTS = 2000
 HISTOGRAM_BINS = 20
 FOOTER_READS = 32
+LATER_LABEL_COLUMNS = {"source": pa.string(), "distance": pa.float32()}
 PALETTE_SATURATION, PALETTE_LIGHTNESS = 65, 45
 
 
@@ -44,6 +45,7 @@ PALETTE_SATURATION, PALETTE_LIGHTNESS = 65, 45
 class Example:
     key: str
     confidence: float
+    source: str | None = None  # the original file or URL, from the shard's .json
     thumbnail: bytes | None = None
 
 
@@ -137,10 +139,10 @@ def sample_labels(lake: Lake, label_files: dict[str, str], feature_files: dict[s
     pieces = []
     for shard in chosen:
         rows = pq.read_table(label_files[shard], filesystem=lake.arrow_fs)
-        rows = rows.select([c for c in ("key", "cluster", "confidence", "distance", "model_version", "labeled_at")
-                            if c in rows.column_names])
-        if "distance" not in rows.column_names:  # labels written before distances existed
-            rows = rows.append_column("distance", pa.nulls(rows.num_rows, pa.float32()))
+        for column, kind in LATER_LABEL_COLUMNS.items():  # absent from labels written before they existed
+            if column not in rows.column_names:
+                rows = rows.append_column(column, pa.nulls(rows.num_rows, kind))
+        rows = rows.select(["key", "source", "cluster", "confidence", "distance", "model_version", "labeled_at"])
         rows = rows.filter(pc.equal(rows.column("model_version"), version))
         pieces.append(rows.append_column("shard", pa.array([shard] * rows.num_rows, pa.string())))
     if not pieces or sum(p.num_rows for p in pieces) == 0:
@@ -173,8 +175,8 @@ def most_typical(members: pa.Table) -> np.ndarray:
 
 def examples(members: pa.Table, order: np.ndarray) -> list[Example]:
     rows = members.take(pa.array(order, pa.int64())) if len(order) else members.slice(0, 0)
-    return [Example(key, float(conf)) for key, conf in zip(rows.column("key").to_pylist(),
-                                                           rows.column("confidence").to_pylist())]
+    return [Example(key, float(conf), source) for key, conf, source in zip(
+        rows.column("key").to_pylist(), rows.column("confidence").to_pylist(), rows.column("source").to_pylist())]
 
 
 def sample_features(lake: Lake, feature_files: dict[str, str], shards: set[str], keys: set[str]) -> pa.Table:
@@ -345,10 +347,11 @@ def sheet(shown: list[Example]) -> str:
 
 def tile(example: Example) -> str:
     caption = f"{example.key} ({example.confidence:.2f})"
+    title = f"{caption}: {example.source}" if example.source else caption
     if example.thumbnail:
         image = base64.b64encode(example.thumbnail).decode("ascii")
         return (f'<figure><img src="data:image/jpeg;base64,{image}" alt="{esc(example.key)}" '
-                f'title="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>')
+                f'title="{esc(title)}"><figcaption>{esc(caption)}</figcaption></figure>')
     return f'<figure><div class="missing">no thumbnail</div><figcaption>{esc(caption)}</figcaption></figure>'
 
 

@@ -6,6 +6,7 @@ Nothing from a shard is ever unpickled or ``torch.load``-ed: shards are untruste
 from __future__ import annotations
 
 import glob as globlib
+import json
 import posixpath
 import tarfile
 import zlib
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import braceexpand
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
@@ -29,8 +31,11 @@ SAMPLE_SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("error", pa.string()),
         ("shard_rows", pa.int64()),
+        ("source", pa.string()),
     ]
 )
+SOURCE_FIELDS = ("source", "url")  # a sample's .json: folder2shards writes "source", img2dataset "url"
+MAX_SOURCE_CHARS = 4096
 WHOLE_SHARD_KEY = "__shard__"
 END_OF_SHARD = "end of shard"  # the error of a shard's last row, which counts the rows before it
 ROWS_PER_BLOCK = 256
@@ -201,7 +206,8 @@ def ends_with_marker(tar: tarfile.TarFile) -> bool:
 
 
 def sample_row(sample: dict, shard: str) -> dict:
-    row = {"key": sample["__key__"], "shard": shard, "label": parse_label(sample.get("cls"))}
+    row = {"key": sample["__key__"], "shard": shard, "label": parse_label(sample.get("cls")),
+           "source": parse_source(sample.get("json"))}
     image_suffix = next((s for s in IMAGE_SUFFIXES if s in sample), None)
     if image_suffix is None:
         members = sorted(k for k in sample if not k.startswith("__"))
@@ -209,6 +215,26 @@ def sample_row(sample: dict, shard: str) -> dict:
     else:
         row["image"] = sample[image_suffix]
     return row
+
+
+def parse_source(raw: bytes | None) -> str | None:
+    """Where the image came from (a path or URL), from the sample's ``.json``; None when it says
+    nothing usable. Plain JSON, never executed; a long value is cut to MAX_SOURCE_CHARS."""
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    source = next((meta[f] for f in SOURCE_FIELDS if isinstance(meta.get(f), str) and meta[f]), None)
+    return source[:MAX_SOURCE_CHARS] if source else None
+
+
+def sources_as_numpy(batch: pa.Table) -> np.ndarray:
+    """A sample batch's sources for a stage's numpy output, "" for none (Ray turns all-None columns into NaN)."""
+    return np.array([s or "" for s in batch.column("source").to_pylist()], dtype=object)
 
 
 def parse_label(raw: bytes | None) -> int | None:

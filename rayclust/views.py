@@ -16,6 +16,7 @@ from torchvision import transforms as T
 
 from rayclust.encoders import contrastive_augmentation
 from rayclust.decode import BadSample, decode_image
+from rayclust.shards import sources_as_numpy
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as PCLC normalises
 PCLC_SIZE = 224
@@ -103,5 +104,6 @@ def clean_images(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
         "shard": batch.column("shard").to_numpy(zero_copy_only=False),
         "error": np.array([e or "" for e in errors], dtype=str),  # "" = good; Ray turns all-None columns into NaN
         "shard_rows": batch.column("shard_rows").fill_null(0).to_numpy(),
+        "source": sources_as_numpy(batch),
         "pixels": pixels,
     }

@@ -134,6 +134,16 @@ def test_label_distance_is_the_cosine_distance_to_the_cluster_centre(s3_pipeline
     assert worst_error < 1e-4 and 0 <= low < high <= 2
 
 
+def test_features_and_labels_carry_each_images_source(s3_pipeline, duck):
+    root = s3_pipeline["root"]
+    rows, matching = duck.execute(f"""
+        SELECT count(*), count(*) FILTER (WHERE f.source = l.source
+               AND f.source = 'synthetic/' || (f.shard[-1:]) || '/' || CAST(CAST(key[-5:] AS INT) AS VARCHAR))
+        FROM read_parquet('s3://{root}/features/*/*.parquet', hive_partitioning = true) f
+        JOIN read_parquet('s3://{root}/labels/*/*.parquet') l USING (key)""").fetchone()
+    assert rows == matching == 2 * SAMPLES  # as write_synthetic_shards put it in each sample's .json
+
+
 def test_features_carry_a_jpeg_thumbnail_of_each_image(s3_pipeline):
     fs, root = s3_pipeline["fs"], s3_pipeline["root"]
     table = pads.dataset(f"{root}/features", filesystem=fs, partitioning="hive").to_table(columns=["thumbnail"])

@@ -158,7 +158,8 @@ def incremental(crash_and_rerun, source) -> dict:
     one_new = refresh(RefreshSettings(pattern, lake))
     nothing_new = refresh(RefreshSettings(pattern, lake))
     forced = refresh_with_new_copy(source, lake)
-    return {"lake": crash_and_rerun["lake"], "one_new": one_new, "nothing_new": nothing_new, "forced": forced}
+    return {"lake": crash_and_rerun["lake"], "one_new": one_new, "nothing_new": nothing_new, "forced": forced,
+            "rerun": (3 - crash_and_rerun["at_kill"]["recorded"], rerun_labelled(crash_and_rerun))}
 
 
 def refresh_with_new_copy(source: Path, lake: str):
@@ -270,6 +271,23 @@ def test_changed_shard_is_reprocessed_and_zero_limits_flag_drift(incremental):
     assert forced.drift.detected and "DRIFT DETECTED" in str(forced)
     assert forced.exit_code(fail_on_drift=True) == 3 and forced.exit_code(fail_on_drift=False) == 0
     assert count_by_shard(f"{incremental['lake']}/features/*/*.parquet")[SHARDS[3]] == (SAMPLES, SAMPLES)
+
+
+def test_each_finished_refresh_left_a_record_for_the_report(incremental):
+    from rayclust.lake import Lake
+    from rayclust.refresh_history import read_refresh_history
+
+    history = read_refresh_history(Lake.open(str(incremental["lake"])))
+    # the killed run left none; then the run again (new: what the killed one had not recorded), one
+    # new shard, nothing new, the changed shard
+    rerun_new, rerun_labelled = incremental["rerun"]
+    assert [(r.new, r.changed, r.samples) for r in history] == [
+        (rerun_new, 0, rerun_labelled), (1, 0, SAMPLES), (0, 0, 0), (0, 1, SAMPLES)]
+    assert [r.drift_detected for r in history] == [False, incremental["one_new"].drift.detected, False, True]
+    forced = incremental["forced"].drift
+    assert history[-1].cluster_shift == pytest.approx(forced.cluster_shift)
+    assert history[-1].mean_confidence == pytest.approx(forced.new.mean_confidence)
+    assert {r.model_version for r in history} == {"tiny/epoch-2"} and not any(r.failed for r in history)
 
 
 def test_every_label_row_carries_the_model_version(incremental):

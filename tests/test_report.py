@@ -37,9 +37,10 @@ def report_data(thumbnail: bytes) -> ReportData:
     hostile = "<script>alert(1)</script>"
     sections = [
         ClusterSection(0, "tabby cat", [("tabby cat", 0.6), ("tiger cat", 0.3)], 120, 0.91,
-                       typical=[Example("k1", 0.99, thumbnail), Example("k2", 0.97, None)],
-                       boundary=[Example("k3", 0.31, thumbnail)]),
-        ClusterSection(1, hostile, [(hostile, 0.5)], 80, 0.75, typical=[Example(hostile, 0.8, thumbnail)]),
+                       typical=[Example("k1", 0.99, "photos/k1.jpg", thumbnail), Example("k2", 0.97)],
+                       boundary=[Example("k3", 0.31, None, thumbnail)]),
+        ClusterSection(1, hostile, [(hostile, 0.5)], 80, 0.75,
+                       typical=[Example(hostile, 0.8, f"https://x/{hostile}", thumbnail)]),
         ClusterSection(2, "cluster 2", [], 0, None),
     ]
     rng = np.random.default_rng(0)
@@ -68,5 +69,6 @@ def test_page_inlines_thumbnails_escapes_names_and_marks_what_is_missing():
                                           for src in parts.images)
     text = " ".join(parts.text)
     assert "no thumbnail" in text and "none in the sample" in text
+    assert 'title="k1 (0.99): photos/k1.jpg"' in page  # where the image came from, on hover
     assert "2026-11-30T12:00:00Z" in text and "run/epoch-3" in text
     assert page.count("<circle") == 50 and page.count("<svg") == 3

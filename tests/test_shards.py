@@ -20,3 +20,15 @@ def test_images_are_counted_only_as_far_as_asked(tmp_path):
     shards = write_synthetic_shards(str(tmp_path / "shards"), shards=3, per_shard=20)
     assert count_images(shards, 25) == 25  # stops inside the second shard
     assert count_images(shards, 1000) == 60
+
+
+def test_a_samples_source_comes_from_its_json_and_never_fails_the_sample():
+    from rayclust.shards import MAX_SOURCE_CHARS, parse_source
+
+    assert parse_source(b'{"source": "photos/cat.jpg", "label": "cat"}') == "photos/cat.jpg"
+    assert parse_source(b'{"url": "https://example.com/a.jpg"}') == "https://example.com/a.jpg"  # img2dataset
+    long = "x" * (MAX_SOURCE_CHARS + 10)
+    assert parse_source(f'{{"source": "{long}"}}'.encode()) == long[:MAX_SOURCE_CHARS]
+    for says_nothing in (None, b"not json", b"\xff\xfe", b"[1, 2]", b'{"source": 3}', b'{"source": ""}',
+                         b"[" * 100_000):
+        assert parse_source(says_nothing) is None, says_nothing
