@@ -17,6 +17,11 @@ class JobArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("required"):  # --help states every flag's default, or that it has none
+            kwargs["help"] = f"{kwargs.get('help', '')} (required)"
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

@@ -1,0 +1,30 @@
+"""Label every feature row of the lake with the LATEST model: LAKE/labels/ (key -> cluster).
+
+An image model (pyramid) labels the images of the shards it was trained on (its --shards).
+
+    python jobs/infer.py --lake s3://bucket/lake
+"""
+import sys
+
+from rayclust.cli import JobArgumentParser, at_least
+
+
+def build_parser() -> JobArgumentParser:
+    parser = JobArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
+    parser.add_argument("--batch-size", type=at_least(1), default=1024, help="rows per inference batch (default: %(default)s)")
+    parser.add_argument("--redo", action="store_true",
+                        help="label every shard again, even those this model already labelled from the same "
+                             "features (by default a run again does only what is missing)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+
+    from rayclust.labels import infer
+
+    summary = infer(args.lake, args.batch_size, redo=args.redo)
+    if summary.failures:
+        sys.exit(1)
+
