@@ -561,7 +561,7 @@ def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str], qual
     with torch.no_grad():
         confidence, predicted = model.predict(torch.from_numpy(clean)).max(1)
     health = health_of(predicted.numpy(), confidence.numpy(), latest["clusters"],
-                       f"a sample of the feature table's first {EVAL_ROWS:,} rows")
+                       f"the feature table's first rows (at most {EVAL_ROWS:,})")
     labelled = pc.is_valid(sample.column("label")).to_numpy(zero_copy_only=False)
     if not (quality and labelled.any()):
         return CheckpointEvaluation(health, None)
