@@ -1,33 +1,14 @@
 """Turn a folder of images into WebDataset shards (images in sub-folders get the sub-folder's name as a label).
 
-    python jobs/folder2shards.py --images photos/ --out s3://bucket/raw --prefix photos
+The same as ``rayclust folder2shards`` (rayclust/commands/folder2shards.py), for a checkout and ``ray job submit``.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, at_least, run_job
-
-
-def build_parser() -> JobArgumentParser:
-    parser = JobArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", required=True,
-                        help="folder of images; those in its sub-folders are labelled with the sub-folder's name")
-    parser.add_argument("--out", required=True, help="output folder or s3:// prefix for the .tar shards")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: %(default)s)")
-    parser.add_argument("--per-shard", type=at_least(1), default=1000, help="samples per shard (default: %(default)s)")
-    return parser
-
-
-def main() -> None:
-    args = build_parser().parse_args()
-
-    from rayclust.shard_writer import write_shards
-
-    uris = write_shards(args.images, args.out, args.prefix, args.per_shard)
-    print(f"wrote {len(uris)} shards: {uris[0]} … {uris[-1]}", flush=True)
-
+from rayclust.cli import run_job
+from rayclust.commands.folder2shards import main
 
 if __name__ == "__main__":
     run_job(main)

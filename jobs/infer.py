@@ -1,39 +1,14 @@
 """Label every feature row of the lake with the LATEST model: LAKE/labels/ (key -> cluster).
 
-An image model (pyramid) labels the images of the shards it was trained on (its --shards).
-
-    python jobs/infer.py --lake s3://bucket/lake
+The same as ``rayclust infer`` (rayclust/commands/infer.py), for a checkout and ``ray job submit``.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, at_least, run_job
-
-
-def build_parser() -> JobArgumentParser:
-    parser = JobArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--batch-size", type=at_least(1), default=1024, help="rows per inference batch (default: %(default)s)")
-    parser.add_argument("--redo", action="store_true",
-                        help="label every shard again, even those this model already labelled from the same "
-                             "features (by default a run again does only what is missing)")
-    parser.add_argument("--vocabulary", default=None, metavar="FILE",
-                        help="open_clip encoders: name clusters from these words, one per line (default: the "
-                             "ImageNet-1k class names; effnet-lite0 always names them with its ImageNet classes)")
-    return parser
-
-
-def main() -> None:
-    args = build_parser().parse_args()
-
-    from rayclust.labels import infer
-
-    summary = infer(args.lake, args.batch_size, redo=args.redo, vocabulary=args.vocabulary)
-    if summary.failures:
-        sys.exit(1)
-
+from rayclust.cli import run_job
+from rayclust.commands.infer import main
 
 if __name__ == "__main__":
     run_job(main)

@@ -1,31 +1,14 @@
 """Write a static HTML report of the LATEST model's clusters: names, sizes, typical and boundary images, a map.
 
-    python jobs/report.py --lake s3://bucket/lake
+The same as ``rayclust report`` (rayclust/commands/report.py), for a checkout and ``ray job submit``.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray job working_dir
 
-from rayclust.cli import JobArgumentParser, run_job
-
-
-def build_parser() -> JobArgumentParser:
-    parser = JobArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--out", default=None, metavar="PATH",
-                        help="where to write the page, a local path or s3:// (default: "
-                             "LAKE/reports/<model_version>/index.html)")
-    return parser
-
-
-def main() -> None:
-    args = build_parser().parse_args()
-
-    from rayclust.report import write_report
-
-    print(write_report(args.lake, args.out), flush=True)
-
+from rayclust.cli import run_job
+from rayclust.commands.report import main
 
 if __name__ == "__main__":
     run_job(main)

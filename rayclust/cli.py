@@ -8,14 +8,30 @@ from typing import Callable
 
 from rayclust.errors import UserError
 
+VERBOSE_ENV = "RAYCLUST_VERBOSE"  # "1": Ray's own log lines too (rayclust.runtime.init_ray reads it)
+
 
 class JobArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit status 2, and a flag must be spelt
-    out in full (``--epoch 5`` is an error, not ``--epochs``)."""
+    out in full (``--epoch 5`` is an error, not ``--epochs``). Every job has ``--verbose``."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.add_argument("--verbose", action="store_true",
+                          help="also print Ray's own log lines and progress bars (default: off: the job's own "
+                               "lines, and warnings and errors)")
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("required"):  # --help states every flag's default, or that it has none
+            kwargs["help"] = f"{kwargs.get('help', '')} (required)"
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if parsed.verbose:  # the jobs start Ray deep in library code: it reads this from the environment
+            os.environ[VERBOSE_ENV] = "1"
+        return parsed, rest
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rayclust.health import ClusterHealth
 from rayclust.lake import FEATURES, Lake, list_to_numpy, read_sample
 from rayclust.naming import ClusterNames, name_clusters
 
@@ -138,6 +139,13 @@ def describe_clusters(lake: Lake, latest: dict, encoder: str, centres: Centres, 
     lake.write_parquet(clusters_table(described, latest["model_version"], centres.unit), *clusters_file(
         latest["model_version"]))
     return described
+
+
+def health_of_clusters(described: list[ClusterDescription]) -> ClusterHealth:
+    """The label-free health summary of every label, from the clusters' counts (no rows read again)."""
+    sizes = tuple(d.size for d in described)
+    total = sum(d.size * d.mean_confidence for d in described if d.mean_confidence is not None)
+    return ClusterHealth(sizes, total / sum(sizes) if sum(sizes) else 0.0, "all labels")
 
 
 def clusters_table(described: list[ClusterDescription], model_version: str, unit_centres: np.ndarray) -> pa.Table:

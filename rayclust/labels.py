@@ -27,11 +27,12 @@ import torch
 from ray.data.datasource import FileBasedDatasource
 
 from rayclust.clusters import (ClusterDescription, centre_distances, clusters_file, describe_clusters,
-                               sample_centres)
+                               health_of_clusters, sample_centres)
 from rayclust.commit import (CommitSummary, Output, commit_as_shards_finish, fingerprint_of, published_path,
                              write_pieces)
 from rayclust.errors import UserError
 from rayclust.features import labels_fingerprint
+from rayclust.health import label_health
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, filesystem_for, list_to_numpy, new_write_id, read_sample
 from rayclust.lock import LakeLock
 from rayclust.models import is_image_model
@@ -173,7 +174,7 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
         summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo, centres.unit)
         print(summary, flush=True)
         described = describe_clusters(lake, latest, encoder, centres, list(label_files.values()), words)
-    print(clusters_line(lake, latest, described), flush=True)
+    print(clusters_line(lake, latest, described), health_of_clusters(described), sep="\n", flush=True)
     report = evaluate_labels(lake, latest["clusters"], features, label_files) if evaluate else None
     if report:
         print(report, flush=True)
@@ -225,9 +226,9 @@ def evaluate_labels(lake: Lake, clusters: int, features: dict[str, str],
                     label_files: dict[str, str]) -> QualityReport | None:
     """ACC/NMI/ARI of the labels beside k-means, on the first EVAL_ROWS labelled rows of the
     feature files (read file by file: the same cost for any size of lake); files are shard -> path."""
-    from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans  # scikit-learn: only the driver evaluates
+    from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans, kmeans_baseline  # scikit-learn: driver only
 
-    truth = read_sample(lake, features, ["key", "label", "embedding"], EVAL_ROWS, with_shard=True)
+    truth = read_sample(lake, features, ["key", "label"], EVAL_ROWS, with_shard=True)
     truth = truth.filter(pc.is_valid(truth.column("label")))
     if truth.num_rows == 0:
         return None
@@ -239,9 +240,8 @@ def evaluate_labels(lake: Lake, clusters: int, features: dict[str, str],
     rows = pa.table({"key": truth.column("key"), "row": np.arange(truth.num_rows)})
     joined = rows.join(labels, "key", join_type="inner")
     truth = truth.take(joined.column("row"))
-    clean = list_to_numpy(truth.column("embedding"), len(truth.column("embedding")[0]))
     return compare_with_kmeans("rayclust labels", truth.column("label").to_numpy(),
-                               joined.column("cluster").to_numpy(), clean, clusters)
+                               joined.column("cluster").to_numpy(), kmeans_baseline(lake, features, clusters))
 
 
 class ImageLabeler(Labeler):
@@ -287,6 +287,9 @@ def infer_images(lake: Lake, model: torch.nn.Module, latest: dict, description: 
     summary = InferSummary(latest["model_version"], committed.shards, committed.rows, time.time() - started,
                            failures=committed.failures)
     print(f"{summary}; {committed.bad} bad samples recorded in errors/", flush=True)
+    names = {shard_name(uri) for uri in uris}
+    print(label_health(lake, {s: p for s, p in lake.newest_files(LABELS).items() if s in names}, latest["clusters"]),
+          flush=True)
     report = evaluate_image_labels(lake, uris) if evaluate else None
     if report:
         print(report, flush=True)

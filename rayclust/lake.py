@@ -8,6 +8,7 @@ Layout (the contract is docs/lake.md)::
     LAKE/manifest/manifest.parquet                  shards that refresh has processed
     LAKE/models/<run>/checkpoint_*/                 Ray Train checkpoints
     LAKE/models/LATEST                              JSON pointer to the newest finished model
+    LAKE/evaluation/kmeans-<version>-k<K>.json      the k-means baseline of a feature table version
     LAKE/_staging/<write-id>/                       a job's files before they are published
     LAKE/_lock                                      which job is writing the lake (rayclust/lock.py)
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import json
 import os
 import traceback
@@ -44,6 +46,7 @@ ERRORS = "errors"
 MODELS = "models"
 MANIFEST = "manifest"
 NEIGHBOURS = "neighbours"
+EVALUATION = "evaluation"
 STAGING = "_staging"
 WRITE_ID = "write_id"
 # pyarrow (Parquet, listings, checkpoints): AWS's default strategy retries at once, then after
@@ -212,6 +215,13 @@ class Lake:
         path = self.path(*parts)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         self.fs.mv(tmp, path)
+
+
+def table_version(files: dict[str, str]) -> str:
+    """A fingerprint of a table's state from its listing (shard -> newest file): any write of a
+    shard names a new file, so it changes whenever the table does."""
+    listing = "\n".join(f"{shard}:{files[shard].rsplit('/', 1)[-1]}" for shard in sorted(files))
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 def new_write_id() -> str:

@@ -12,7 +12,6 @@ is sent twice (``Neighbours``).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from rayclust.lake import NEIGHBOURS, Lake, list_to_numpy
+from rayclust.lake import NEIGHBOURS, Lake, list_to_numpy, table_version
 
 EXACT_MAX_ROWS = 50_000  # up to here a flat index compares every pair; beyond, an IVF index
 IVF_PROBES = 16
@@ -61,8 +60,7 @@ def table_rows(lake: Lake, files: dict[str, str], dim: int) -> TableRows:
     paths = tuple(files[s] for s in shards)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         rows = tuple(pool.map(lambda p: pq.ParquetFile(p, filesystem=lake.arrow_fs).metadata.num_rows, paths))
-    version = hashlib.sha256("\n".join(f"{s}:{files[s].rsplit('/', 1)[-1]}" for s in shards).encode()).hexdigest()
-    return TableRows(paths, rows, dim, version[:16])
+    return TableRows(paths, rows, dim, table_version(files))
 
 
 @dataclass(frozen=True)

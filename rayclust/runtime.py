@@ -9,7 +9,9 @@ import sys
 
 import ray
 from ray.data import DataContext
+from ray.util.debug import log_once
 
+from rayclust.cli import VERBOSE_ENV
 from rayclust.errors import UserError
 from rayclust.lake import store_unreachable
 
@@ -31,6 +33,9 @@ def init_ray() -> None:
     one (cluster-configs/)."""
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
+    verbose = os.environ.get(VERBOSE_ENV) == "1"
+    if not verbose:
+        quiet_ray_data()
     if ray.is_initialized():
         return
     keep_idle_workers()
@@ -40,10 +45,13 @@ def init_ray() -> None:
     else:
         quiet_token_auth_notice()
         no_preemption_watcher()
+        if not verbose:
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # its workers inherit it: see quiet_ray_data
         local_options["include_dashboard"] = False
         local_options["runtime_env"] = {"worker_process_setup_hook": quiet_placement_group_cleaner}
     try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local_options)
+        ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True,
+                 **local_options)
     except ConnectionError as exn:  # e.g. a cluster with token authentication, and no token here
         raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first_cause(exn)}") from None
 
@@ -94,6 +102,21 @@ def hide_store_outage_tracebacks() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.addFilter(HIDE_STORE_OUTAGES)
+
+
+def quiet_ray_data() -> None:
+    """On the driver, without --verbose: no Ray Data progress bars (they are drawn per dataset,
+    i.e. per epoch of an image model's training), and its INFO records (each execution's start,
+    plan and end, and a block of progress every 10 s where stdout is not a terminal) kept to its
+    log file; the jobs print a progress line of their own (``rayclust.progress``). Ray Data
+    configures its logger again in each worker that runs a dataset, from ``RAY_DATA_LOG_LEVEL``:
+    a local Ray's workers inherit that from ``init_ray``; on a cluster, set it in the environment of
+    ``ray start`` (cluster-configs/) to quiet an image model's training."""
+    DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # Ray Data's warning that they are off: taken here, once
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def quiet_placement_group_cleaner() -> None:

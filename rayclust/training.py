@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
+import numpy as np
 import pyarrow.compute as pc
 import ray
 import ray.train
@@ -30,6 +31,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from rayclust.errors import UserError
+from rayclust.health import ClusterHealth, health_of
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
 from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
@@ -229,10 +231,8 @@ def train(settings: TrainSettings) -> dict:
     result = trainer.fit()
     latest = publish_latest(lake, run, result.checkpoint.path, result.metrics, settings.clusters)
     print(f"model {latest['model_version']} written; LATEST -> {latest['checkpoint']}", flush=True)
-    evaluate = settings.evaluate and table is not None  # image models: jobs/infer.py measures
-    report = evaluate_checkpoint(lake, latest, table.files) if evaluate else None
-    if report:
-        print(report, flush=True)
+    if table is not None:  # image models: jobs/infer.py measures
+        print(evaluate_checkpoint(lake, latest, table.files, settings.evaluate), flush=True)
     return latest
 
 
@@ -539,18 +539,32 @@ def load_training_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
                             f"resuming from {checkpoint.path}/{CHECKPOINT_FILE}")
 
 
-def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str]) -> QualityReport | None:
-    """ACC/NMI/ARI of the model and of k-means on the first EVAL_ROWS labelled rows of the
-    feature files (shard -> path), if any."""
-    from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans  # scikit-learn: only the driver evaluates
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    health: ClusterHealth
+    quality: QualityReport | None  # None: not asked for, or no row of the sample has a label
+
+    def __str__(self) -> str:
+        return "\n".join(str(part) for part in (self.health, self.quality) if part is not None)
+
+
+def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str], quality: bool = True
+                        ) -> CheckpointEvaluation:
+    """The model's predictions on the first EVAL_ROWS rows of the feature files (shard -> path):
+    their cluster health and, with ``quality``, ACC/NMI/ARI beside k-means on those with a label.
+    The driver holds that bounded sample only, whatever the size of the table."""
+    from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans, kmeans_baseline  # scikit-learn: driver only
 
     sample = read_sample(lake, features, ["label", "embedding"], EVAL_ROWS)
-    sample = sample.filter(pc.is_valid(sample.column("label")))
-    if sample.num_rows == 0:
-        return None
     model = load_model(lake, latest)
     clean = list_to_numpy(sample.column("embedding"), len(sample.column("embedding")[0]))
     with torch.no_grad():
-        predicted = model.predict(torch.from_numpy(clean)).argmax(1).numpy()
-    truth = sample.column("label").to_numpy()
-    return compare_with_kmeans(latest["model_version"], truth, predicted, clean, latest["clusters"])
+        confidence, predicted = model.predict(torch.from_numpy(clean)).max(1)
+    health = health_of(predicted.numpy(), confidence.numpy(), latest["clusters"],
+                       f"the feature table's first rows (at most {EVAL_ROWS:,})")
+    labelled = pc.is_valid(sample.column("label")).to_numpy(zero_copy_only=False)
+    if not (quality and labelled.any()):
+        return CheckpointEvaluation(health, None)
+    truth = sample.column("label").to_numpy(zero_copy_only=False)[labelled].astype(np.int64)
+    return CheckpointEvaluation(health, compare_with_kmeans(latest["model_version"], truth, predicted.numpy()[labelled],
+                                                            kmeans_baseline(lake, features, latest["clusters"])))

@@ -9,21 +9,26 @@ The cases run two at a time: most of their time is importing torch and Ray.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import socket
 import subprocess
 import sys
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import ray
+from PIL import Image
 
 from rayclust.cli import user_error
+from rayclust.commands import JOBS as JOBS_BY_NAME
+from rayclust.commands import main as rayclust_main
 from rayclust.errors import UserError
 
-from conftest import REPO, TINY_ENCODER
+from conftest import REPO, TINY_ENCODER, job_command, job_env
 
 JOBS = REPO / "jobs"
 
@@ -121,15 +126,103 @@ def test_an_address_where_no_ray_listens_is_one_line(tmp_path):
     assert f"no Ray cluster answers at RAY_ADDRESS={address}" in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("job", ["embed.py", "train.py", "infer.py", "refresh.py"])
-def test_help_exits_zero_and_lists_every_flag(job, tmp_path):
-    flags = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", (JOBS / job).read_text()))
-    assert {"--lake", "--batch-size"} <= flags  # the pattern above still finds the flags
-    run = run_job([job, "--help"], tmp_path)
+def job_flags(name: str) -> set[str]:
+    parser = importlib.import_module(JOBS_BY_NAME[name]).build_parser()
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def run_rayclust(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m rayclust ARGS``: the installed ``rayclust`` command's main (pyproject.toml), from this checkout."""
+    return subprocess.run([sys.executable, "-m", "rayclust", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**job_env(), "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("job", list(JOBS_BY_NAME))
+def test_help_exits_zero_and_lists_every_flag_both_ways(job, tmp_path):
+    flags = job_flags(job)
+    assert {"--help", "--verbose"} <= flags
+    for run in (run_job([f"{job}.py", "--help"], tmp_path), run_rayclust([job, "--help"], tmp_path)):
+        assert run.returncode == 0, run.stderr
+        assert "Traceback" not in run.stderr
+        for flag in flags:
+            assert flag in run.stdout, f"{job} --help does not mention {flag}"
+    assert f"usage: rayclust {job} " in run.stdout
+
+
+@pytest.mark.parametrize("job", list(JOBS_BY_NAME))
+def test_help_states_every_default(job):
+    parser = importlib.import_module(JOBS_BY_NAME[job]).build_parser()
+    for action in parser._actions:
+        if action.option_strings != ["-h", "--help"]:
+            assert "default" in action.help or "(required)" in action.help, f"{job} {action.option_strings}"
+
+
+def test_help_states_the_encoders_defaults():
+    from rayclust.encoders import parse_spec
+
+    encoder = next(a for a in importlib.import_module(JOBS_BY_NAME["embed"]).build_parser()._actions
+                   if a.dest == "encoder")
+    assert f"default {parse_spec('effnet-lite0').image_size}" in encoder.help
+    assert "%(default)s" in encoder.help and encoder.default == "open_clip:ViT-B-32:openai"
+
+
+def test_rayclust_lists_its_jobs(tmp_path):
+    run = run_rayclust(["--help"], tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "Traceback" not in run.stderr
-    for flag in flags:
-        assert flag in run.stdout, f"{job} --help does not mention {flag}"
+    assert set(JOBS_BY_NAME) <= set(re.findall(r"^  (\w+) ", run.stdout, flags=re.M)), run.stdout
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["nosuch"], "rayclust: error: unknown job 'nosuch'"),
+    ([], "rayclust: error: no job given"),
+    (["train", "--lake", "x", "--epoch", "5"], "rayclust train: error: unrecognized arguments: --epoch 5"),
+])
+def test_rayclust_mistake_is_one_line_and_exit_2(args, phrase, tmp_path):
+    run = run_rayclust(args, tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and phrase in run.stderr, run.stderr
+
+
+def test_pip_installs_the_rayclust_command():
+    """The console script pip writes calls this function (pyproject.toml's [project.scripts])."""
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["rayclust"]
+    module, function = entry.split(":")
+    assert getattr(importlib.import_module(module), function) is rayclust_main
+
+
+def test_rayclust_runs_a_job(tmp_path):
+    """folder2shards through ``rayclust``: a real job without Ray, on three images in two labelled folders."""
+    for index, label in enumerate(["cat", "cat", "dog"]):
+        (tmp_path / "images" / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (index * 80, 0, 0)).save(tmp_path / "images" / label / f"{index}.png")
+    run = run_rayclust(["folder2shards", "--images", "images", "--out", "shards", "--per-shard", "2"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 2 shards" in run.stdout, run.stdout
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+RAY_DATA_INFO = ("Starting execution of Dataset", "Execution plan of Dataset", "Running Dataset", "execution finished")
+
+
+@pytest.mark.slow
+def test_ray_s_own_lines_only_with_verbose(tmp_path):
+    """A real embed of a 20-image shard, as ``rayclust embed`` and then ``jobs/embed.py --verbose``:
+    Ray Data's INFO records (an execution's start, plan, progress blocks and end) only in the second."""
+    from rayclust.synthetic import write_synthetic_shards
+
+    [shard] = write_synthetic_shards(str(tmp_path / "shards"), shards=1, per_shard=20)
+    flags = ["--shards", shard, "--lake", str(tmp_path / "lake"), "--encoder", TINY_ENCODER]
+    quiet = run_rayclust(["embed", *flags], tmp_path)
+    verbose = subprocess.run(job_command("embed.py", *flags, "--redo", "--verbose"), capture_output=True, text=True,
+                             timeout=300, env={**job_env(), "PYTHONPATH": str(REPO)})
+    for run in (quiet, verbose):
+        assert run.returncode == 0, run.stderr
+        assert "embedded 20 samples from 1 shards" in run.stdout, run.stdout
+        assert "embed: 1/1 shards, 20 samples" in run.stdout, run.stdout  # the job's own progress line stays
+    quiet_output = quiet.stdout + quiet.stderr
+    assert not [line for line in quiet_output.splitlines() if "\tINFO " in line], quiet_output
+    assert not [phrase for phrase in RAY_DATA_INFO if phrase in quiet_output], quiet_output
+    assert all(phrase in verbose.stdout + verbose.stderr for phrase in RAY_DATA_INFO), verbose.stderr
 
 
 def test_a_ray_task_s_user_error_is_found_behind_ray_s_wrapper(ray_session):

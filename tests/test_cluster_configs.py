@@ -112,7 +112,7 @@ def job_parser(path: Path):
     spec = importlib.util.spec_from_file_location(f"rayclust_job_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build_parser()
+    return importlib.import_module(module.main.__module__).build_parser()  # the command jobs/X.py runs
 
 
 def parser_error(path: Path, args: list[str]) -> str | None:

@@ -88,7 +88,8 @@ def start_job(store: SeaweedS3, script: str, log: Path, *args: str, **env_vars: 
     """``jobs/<script>`` against ``store``, in its own process group, output to ``log``."""
     env = {**job_env(), "AWS_ENDPOINT_URL": store.endpoint, **env_vars}
     with open(log, "w") as out:
-        return subprocess.Popen(job_command(script, *args), env=env, stdout=out,
+        # --verbose: the tests wait for Ray Data's own line that the pipeline started (PIPELINE_STARTS)
+        return subprocess.Popen(job_command(script, *args, "--verbose"), env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 

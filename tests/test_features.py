@@ -209,6 +209,7 @@ def test_embedding_a_shard_again_replaces_its_rows(embedded):
 
 
 def test_train_and_infer_label_every_feature_row_once(embedded, capsys):
+    from rayclust.evaluation import KMEANS
     from rayclust.labels import infer
     from rayclust.models import model_config
     from rayclust.training import TrainSettings, train
@@ -226,3 +227,7 @@ def test_train_and_infer_label_every_feature_row_once(embedded, capsys):
     assert set(labels.column("model_version").to_pylist()) == {latest["model_version"]}
     assert all(0 <= c < 3 for c in labels.column("cluster").to_pylist())
     assert all(0 < c <= 1 for c in labels.column("confidence").to_pylist())
+    output = capsys.readouterr().out
+    kmeans_rows = [line for line in output.splitlines() if line.startswith(KMEANS)]
+    assert len(kmeans_rows) == 2 and kmeans_rows[0] == kmeans_rows[1], output  # once per table: train's, read by infer
+    assert f"cluster health on all labels ({features.num_rows} rows, 3 clusters)" in output, output

@@ -49,8 +49,9 @@ def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_featur
     alignment = load_model(real_feature_lake, latest).cluster_head.alignment
     assert all(sorted(row) == list(range(10)) for row in alignment.tolist())
     assert (alignment != torch.arange(10)).any(), "five heads from five random starts number their clusters alike"
-    report = evaluate_checkpoint(real_feature_lake, latest, real_feature_lake.newest_files(FEATURES))
-    assert report.samples == DIGITS
+    evaluation = evaluate_checkpoint(real_feature_lake, latest, real_feature_lake.newest_files(FEATURES))
+    report = evaluation.quality
+    assert report.samples == DIGITS == evaluation.health.rows
     assert report.rows[latest["model_version"]]["acc"] > 0.3, report  # chance is 0.1
 
 
