@@ -244,8 +244,10 @@ def render(data: ReportData) -> str:
     body = "\n".join([
         f"<h1>rayclust report: {esc(data.model_version)}</h1>",
         summary_table(data),
-        "<h2>Cluster sizes</h2>", size_chart(data.sections, colours),
+        "<h2>Cluster sizes</h2>", size_chart(data.sections, colours), size_caption(data.sections),
         "<h2>Confidence</h2>", histogram_chart(data.confidence_histogram),
+        f"<p>Labels' confidence from 0 (left) to 1 (right) in {HISTOGRAM_BINS} bins, "
+        f"{int(data.confidence_histogram.sum()):,} sampled labels.</p>",
         "<h2>Map of the embeddings</h2>",
         f"<p>t-SNE of {len(data.map_points)} sampled images, coloured by cluster.</p>",
         scatter_chart(data.map_points, data.map_clusters, colours),
@@ -284,6 +286,13 @@ def size_chart(sections: list[ClusterSection], colours: list[str]) -> str:
         f'height="{height * s.size / largest:.1f}" fill="{colours[s.cluster]}"><title>{esc(s.name)}: '
         f'{s.size:,}</title></rect>' for i, s in enumerate(ordered))
     return svg(width, height, bars, "cluster sizes, largest first")
+
+
+def size_caption(sections: list[ClusterSection]) -> str:
+    sizes = sorted((s.size for s in sections), reverse=True)
+    empty = sizes.count(0)
+    return (f"<p>{len(sizes)} clusters, largest first: from {sizes[0]:,} to {sizes[-1]:,} images"
+            f"{f'; {empty} empty' if empty else ''}.</p>") if sizes else ""
 
 
 def histogram_chart(counts: np.ndarray) -> str:
