@@ -22,7 +22,8 @@ PER_K_LINE = re.compile(r"^K (\d+): silhouette (-?[\d.]+) ± ([\d.]+) \(([\d.]+)
 
 
 def test_digits_choice_lands_near_ten(digits_features):
-    """Digits drawn alike (4 and 9, 3 and 5 and 8) may merge: the window is 8 to 12 of the 6 to 14 tried."""
+    """Digits drawn alike may merge, and the one-standard-error rule prefers the smaller K: the window is
+    8 to 12 of the 6 to 14 tried (the auto range chooses 9, BENCHMARKS.md)."""
     lines = []
     choice = choose_clusters(digits_features["clean"], ClusterRange(6, 14), report=lines.append)
     assert 8 <= choice.chosen <= 12, choice
