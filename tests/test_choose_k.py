@@ -36,7 +36,7 @@ def test_digits_choice_lands_near_ten(digits_features):
 def test_mixture_choice_is_its_number_of_components():
     clean, _ = make_blobs(n_samples=1500, centers=8, n_features=64, cluster_std=2.0, center_box=(-2, 2),
                           random_state=0)
-    choice = choose_clusters(clean, ClusterRange(2, 14), report=lambda line: None)
+    choice = choose_clusters(clean, ClusterRange(4, 12), report=lambda line: None)
     assert choice.chosen == 8, choice
 
 
