@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 from rayclust.errors import UserError
@@ -51,6 +52,34 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+@dataclass(frozen=True)
+class ClusterRange:
+    """The K to choose from (``rayclust.choose_k``), both ends included."""
+
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return f"{self.first}:{self.last}"
+
+
+AUTO_CLUSTERS = ClusterRange(2, 50)
+
+
+def cluster_count(text: str) -> int | ClusterRange:
+    """An argparse ``type``: K (an integer >= 2), ``auto`` (AUTO_CLUSTERS) or a range ``A:B`` (2 <= A < B)."""
+    if text == "auto":
+        return AUTO_CLUSTERS
+    first, colon, last = text.partition(":")
+    if not first.isdecimal() or (colon and not last.isdecimal()):
+        raise argparse.ArgumentTypeError(f"expected K (an integer >= 2), auto or A:B, got {text!r}")
+    if not colon:
+        return at_least(2)(text)
+    if not 2 <= int(first) < int(last):
+        raise argparse.ArgumentTypeError(f"a range A:B needs 2 <= A < B, got {text!r}")
+    return ClusterRange(int(first), int(last))
 
 
 def fraction(text: str) -> float:

@@ -12,6 +12,7 @@ worker dies (Ray Train's ``FailureConfig``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -30,6 +31,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from rayclust.cli import ClusterRange
 from rayclust.errors import UserError
 from rayclust.health import ClusterHealth, health_of
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
@@ -43,6 +45,7 @@ from rayclust.shards import ROWS_PER_BLOCK, count_images, expand_shards, read_sh
 from rayclust.train_data import feature_batches
 
 if TYPE_CHECKING:
+    from rayclust.choose_k import KChoice
     from rayclust.evaluation import QualityReport
 
 # A default batch too large for the table is lowered to give each epoch this many full steps:
@@ -64,7 +67,7 @@ MAX_WORKER_FAILURES = 3
 class TrainSettings:
     lake: str
     model: str = "ccmlp"  # the best on the quality benchmark (BENCHMARKS.md)
-    clusters: int = 10
+    clusters: int | ClusterRange = 10  # a range: K is chosen from it on a sample of the features (choose_k)
     epochs: int | None = None  # contrastive epochs; None: the model config's
     batch_size: int | None = None  # None: the model config's
     workers: int | None = None
@@ -75,6 +78,7 @@ class TrainSettings:
     overrides: dict = field(default_factory=dict)  # model config values replacing the JSON's
     evaluate: bool = True  # print ACC/NMI/ARI against k-means when the features carry labels
     self_label_epochs: int | None = None  # after the contrastive ones; None: the model config's (0 if it has none)
+    clusters_chosen: KChoice | None = None  # how ``clusters`` was chosen, when it was
 
 
 @dataclass
@@ -177,6 +181,7 @@ def train(settings: TrainSettings) -> dict:
     images = is_image_model(config)
     uris = training_shards(settings, images)
     table = None if images else feature_table(lake)
+    settings = with_chosen_clusters(settings, lake, table)
     if settings.clusters < 2:
         raise UserError("--clusters must be at least 2")
     self_label_epochs = config.get("self_label_epochs", 0) if settings.self_label_epochs is None \
@@ -206,6 +211,7 @@ def train(settings: TrainSettings) -> dict:
         "encoder": None if table is None else table.encoder,
         "shards": absolute_pattern(settings.shards) if images else None,
         "init": settings.init, "init_weights": ray.put(init) if init else None,
+        "clusters_chosen": settings.clusters_chosen.as_json() if settings.clusters_chosen else None,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -234,6 +240,24 @@ def train(settings: TrainSettings) -> dict:
     if table is not None:  # image models: jobs/infer.py measures
         print(evaluate_checkpoint(lake, latest, table.files, settings.evaluate), flush=True)
     return latest
+
+
+def with_chosen_clusters(settings: TrainSettings, lake: Lake, table: FeatureTable | None) -> TrainSettings:
+    """``settings`` with a range of K replaced by the K chosen on the first CHOICE_ROWS clean embeddings
+    of the feature table (``rayclust.choose_k``), and how it was chosen; an integer K as it is."""
+    if not isinstance(settings.clusters, ClusterRange):
+        return settings
+    if table is None:
+        raise UserError(f"--model {settings.model} trains on images: choosing K needs a feature table; "
+                        "give --clusters K")
+    from rayclust.choose_k import CHOICE_ROWS, CRITERION, choose_clusters  # scikit-learn: only the driver chooses
+
+    sample = read_sample(lake, table.files, ["embedding"], CHOICE_ROWS)
+    print(f"choosing K from {settings.clusters} by {CRITERION} on {sample.num_rows:,} rows", flush=True)
+    choice = choose_clusters(list_to_numpy(sample.column("embedding"), table.layout.dim), settings.clusters,
+                             settings.seed)
+    print(choice, flush=True)
+    return dataclasses.replace(settings, clusters=choice.chosen, clusters_chosen=choice)
 
 
 def feature_neighbours(lake: Lake, table: FeatureTable, k: int):
@@ -517,7 +541,7 @@ def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: 
 
 
 def model_description(config: dict) -> dict:
-    keys = ("model_config", "feature_dim", "clusters", "encoder", "run", "shards", "init")
+    keys = ("model_config", "feature_dim", "clusters", "clusters_chosen", "encoder", "run", "shards", "init")
     return {key: config[key] for key in keys}
 
 

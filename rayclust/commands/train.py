@@ -3,7 +3,7 @@
     python jobs/train.py --lake s3://bucket/lake --model mfavb --clusters 10
     python jobs/train.py --lake s3://bucket/lake --model pyramid --shards 's3://bucket/raw/{000000..000099}.tar'
 """
-from rayclust.cli import JobArgumentParser, at_least
+from rayclust.cli import AUTO_CLUSTERS, JobArgumentParser, at_least, cluster_count
 from rayclust.models import available_models
 
 
@@ -11,7 +11,11 @@ def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
     parser.add_argument("--model", default="ccmlp", choices=available_models(), help="model (default: %(default)s)")
-    parser.add_argument("--clusters", type=at_least(2), default=10, help="number of clusters K (default: %(default)s)")
+    parser.add_argument("--clusters", type=cluster_count, default=10, metavar="K|auto|A:B",
+                        help="number of clusters K, or chosen without labels from A..B (auto: "
+                             f"{AUTO_CLUSTERS.first}..{AUTO_CLUSTERS.last}) by the silhouette of k-means on up to "
+                             "20,000 rows of the feature table, the smallest K within one standard error of the best; "
+                             "see docs/models.md (default: %(default)s)")
     parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="contrastive training epochs (default: the model config's, see docs/models.md)")
     parser.add_argument("--self-label-epochs", type=at_least(0), default=None,

@@ -3,7 +3,7 @@
 Library code, apart from the trainer (``rayclust.training`` writes checkpoints; ``labels`` and
 ``refresh`` only read them), as open_clip keeps ``load_checkpoint`` apart from its training code.
 A checkpoint directory holds ``model.pt`` (tensors only, loaded with ``weights_only``) and
-``config.json`` (the model config, feature dim, clusters, encoder, run, shards). ``LATEST``
+``config.json`` (the model config, feature dim, clusters and how they were chosen, encoder, run, shards). ``LATEST``
 records ``model.pt``'s SHA-256: a file damaged inside its tensors still loads, but no longer matches.
 """
 from __future__ import annotations
