@@ -116,6 +116,8 @@ class FeatureTable:
 
 def feature_table(lake: Lake) -> FeatureTable:
     files = lake.newest_files(FEATURES)
+    if not files and not lake.fs.exists(lake.root):  # a mistyped --lake
+        raise UserError(f"no lake at {lake.uri}: check --lake (jobs/embed.py makes one)")
     if not files:
         raise UserError(f"no features in {lake.uri}: run jobs/embed.py first")
     row = read_sample(lake, files, ["embedding", "views", "encoder"], 1)

@@ -59,6 +59,7 @@ def error_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "train-negative-self-label": (["train.py", "--lake", empty, "--self-label-epochs", "-1"], "at least 0"),
         "infer-no-model": (["infer.py", "--lake", empty], "no trained model"),
         "infer-no-lake": (["infer.py", "--lake", missing], "no lake at"),
+        "train-no-lake": (["train.py", "--lake", missing], "no lake at"),
         "infer-unknown-flag": (["infer.py", "--lake", empty, "--model", "mfavb"], "unrecognized arguments"),
         "refresh-no-model": (["refresh.py", "--shards", shard, "--lake", empty], "no trained model"),
         "refresh-no-lake": (["refresh.py", "--shards", shard, "--lake", missing], "no lake at"),
