@@ -182,7 +182,8 @@ def embedding_stages(encoder: str, views: int, batch_size: int, thumbnails: bool
     """
     gpus = 1.0 if cluster_gpus() else 0.0
     return [
-        Stage(pixel_views, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS, kwargs={"encoder": encoder, "views": views, "thumbnails": thumbnails}),
+        Stage(pixel_views, batch_size=ROWS_PER_BLOCK, num_cpus=DECODE_CPUS,
+              kwargs={"encoder": encoder, "views": views, "thumbnails": thumbnails}),
         Stage(Embedder, batch_size=batch_size, batch_format="numpy", num_gpus=gpus, memory=ENCODER_MEMORY,
               actors=encoder_pool(), kwargs={"encoder": encoder, "threads": 1}),
     ]
