@@ -31,7 +31,8 @@ PREDICT_ROWS = 8192  # rows per forward pass on the driver
 NAME_STRUCT = pa.struct([("name", pa.string()), ("score", pa.float32())])
 CLUSTER_SCHEMA = pa.schema([("cluster", pa.int32()), ("model_version", pa.string()), ("size", pa.int64()),
                             ("mean_confidence", pa.float32()), ("name", pa.string()),
-                            ("top_names", pa.list_(NAME_STRUCT)), ("centre", pa.list_(pa.float32()))])
+                            ("top_names", pa.list_(NAME_STRUCT)), ("centre", pa.list_(pa.float32())),
+                            ("duplicates", pa.int64())])
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ClusterDescription:
     size: int
     mean_confidence: float | None
     names: ClusterNames
+    duplicates: int = 0
 
     @property
     def name(self) -> str:
@@ -116,26 +118,44 @@ def centres_for(lake: Lake, latest: dict, model: torch.nn.Module) -> np.ndarray:
     return sample_centres(lake, lake.newest_files(FEATURES), model, latest["clusters"]).unit
 
 
-def label_counts(lake: Lake, label_files: list[str], clusters: int) -> tuple[np.ndarray, np.ndarray]:
-    """(size, mean confidence) of each cluster over every row of ``label_files``, by Ray Data."""
+@dataclass
+class LabelCounts:
+    """Per cluster over every label: ``sizes``, ``confidence`` (mean; NaN when empty), ``duplicates``
+    (rows with ``duplicate_of``)."""
+
+    sizes: np.ndarray
+    confidence: np.ndarray
+    duplicates: np.ndarray
+
+
+def label_counts(lake: Lake, label_files: list[str], clusters: int) -> LabelCounts:
+    """Each cluster's counts over every row of ``label_files``, by Ray Data (files written before
+    ``duplicate_of`` existed read it as null)."""
     import ray
     from ray.data.aggregate import Count, Mean
 
-    counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs).select_columns(["cluster", "confidence"])
-              .groupby("cluster").aggregate(Count(), Mean("confidence")).take_all())
-    sizes, confidence = np.zeros(clusters, np.int64), np.full(clusters, np.nan, np.float32)
+    counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs,
+                                    columns=["cluster", "confidence", "duplicate_of"])
+              .groupby("cluster").aggregate(Count(), Mean("confidence"),
+                                            Count("duplicate_of", ignore_nulls=True, alias_name="duplicates"))
+              .take_all())
+    found = LabelCounts(np.zeros(clusters, np.int64), np.full(clusters, np.nan, np.float32),
+                        np.zeros(clusters, np.int64))
     for row in counts:
-        sizes[row["cluster"]], confidence[row["cluster"]] = row["count()"], row["mean(confidence)"]
-    return sizes, confidence
+        k = row["cluster"]
+        found.sizes[k], found.confidence[k], found.duplicates[k] = (row["count()"], row["mean(confidence)"],
+                                                                    row["duplicates"])
+    return found
 
 
 def describe_clusters(lake: Lake, latest: dict, encoder: str, centres: Centres, label_files: list[str],
                       vocabulary: list[str] | None) -> list[ClusterDescription]:
     """Write the model's clusters table and return its rows."""
-    sizes, confidence = label_counts(lake, label_files, latest["clusters"])
+    counts = label_counts(lake, label_files, latest["clusters"])
     names = name_clusters(encoder, centres.unit, centres.mean, vocabulary)
-    described = [ClusterDescription(k, int(sizes[k]), None if np.isnan(confidence[k]) else float(confidence[k]),
-                                    names[k]) for k in range(latest["clusters"])]
+    described = [ClusterDescription(k, int(counts.sizes[k]), None if np.isnan(counts.confidence[k])
+                                    else float(counts.confidence[k]), names[k], int(counts.duplicates[k]))
+                 for k in range(latest["clusters"])]
     lake.write_parquet(clusters_table(described, latest["model_version"], centres.unit), *clusters_file(
         latest["model_version"]))
     return described
@@ -158,6 +178,7 @@ def clusters_table(described: list[ClusterDescription], model_version: str, unit
         "name": [d.name for d in described],
         "top_names": [[{"name": n.name, "score": n.score} for n in d.names.top] for d in described],
         "centre": centres,
+        "duplicates": [d.duplicates for d in described],
     }, schema=CLUSTER_SCHEMA)
 
 

@@ -28,6 +28,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from rayclust.clusters import (ClusterDescription, centre_distances, clusters_file, describe_clusters,
                                health_of_clusters, sample_centres)
+from rayclust.duplicates import DEFAULT_EPSILON, DUPLICATE_OF, DuplicatePass, find_duplicates
 from rayclust.commit import (CommitSummary, Output, commit_as_shards_finish, fingerprint_of, published_path,
                              write_pieces)
 from rayclust.errors import UserError
@@ -49,7 +50,7 @@ from rayclust.views import clean_images
 if TYPE_CHECKING:
     from rayclust.evaluation import QualityReport
 
-LABEL_COLUMNS = ("key", "source", "cluster", "confidence", "distance", "model_version", "labeled_at")
+LABEL_COLUMNS = ("key", "source", "cluster", "confidence", "distance", "model_version", "labeled_at", DUPLICATE_OF)
 OPTIONAL_FEATURE_COLUMNS = {"source": pa.string()}  # absent from feature files written before it existed
 
 
@@ -142,7 +143,8 @@ def with_labels(batch: pa.Table, probabilities: np.ndarray, version: str, distan
             .append_column("confidence", pa.array(probabilities.max(1), pa.float32()))
             .append_column("distance", pa.array(distance, pa.float32(), from_pandas=True))
             .append_column("model_version", pa.array([version] * n, pa.string()))
-            .append_column("labeled_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC"))))
+            .append_column("labeled_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC")))
+            .append_column(DUPLICATE_OF, pa.nulls(n, pa.string())))  # infer's pass over the whole table fills it
 
 
 def labeler_stage(model: torch.nn.Module, latest: dict, batch_size: int, centres: np.ndarray) -> Stage:
@@ -151,10 +153,11 @@ def labeler_stage(model: torch.nn.Module, latest: dict, batch_size: int, centres
 
 
 def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bool = False,
-          vocabulary: str | None = None) -> InferSummary:
+          vocabulary: str | None = None, duplicate_epsilon: float = DEFAULT_EPSILON) -> InferSummary:
     """Label every feature row with the LATEST model (shards it already labelled from the same
-    features are skipped unless ``redo``) and describe its clusters (names from ``vocabulary``, a
-    file, or the encoder's default); ``evaluate`` prints ACC/NMI/ARI on a bounded sample."""
+    features are skipped unless ``redo``), mark near-duplicates (``rayclust.duplicates``, at cosine
+    similarity >= 1 - ``duplicate_epsilon``; 0: none) and describe its clusters (names from
+    ``vocabulary``, a file, or the encoder's default); ``evaluate`` prints ACC/NMI/ARI on a bounded sample."""
     words = read_vocabulary(vocabulary) if vocabulary else None
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
@@ -173,8 +176,12 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
         centres = sample_centres(lake, features, model, latest["clusters"])
         summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo, centres.unit)
         print(summary, flush=True)
+        duplicates = find_duplicates(lake, lock, label_files, features, duplicate_epsilon, LABEL_COLUMNS)
+        label_files = duplicates.label_files
         described = describe_clusters(lake, latest, encoder, centres, list(label_files.values()), words)
-    print(clusters_line(lake, latest, described), health_of_clusters(described), sep="\n", flush=True)
+    print(duplicates_line(duplicates, described), clusters_line(lake, latest, described),
+          health_of_clusters(described), sep="\n", flush=True)
+    summary.failures = {**(summary.failures or {}), **duplicates.failures}
     report = evaluate_labels(lake, latest["clusters"], features, label_files) if evaluate else None
     if report:
         print(report, flush=True)
@@ -184,6 +191,10 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
 def feature_encoder(lake: Lake, features: dict[str, str]) -> str:
     """The encoder spec the feature table was made with (files: shard -> path)."""
     return read_sample(lake, features, ["encoder"], 1).column("encoder")[0].as_py()
+
+
+def duplicates_line(duplicates: DuplicatePass, described: list[ClusterDescription]) -> str:
+    return duplicates.line(sum(d.duplicates for d in described), sum(d.size for d in described))
 
 
 def clusters_line(lake: Lake, latest: dict, described: list[ClusterDescription]) -> str:

@@ -6,7 +6,8 @@ label with LATEST, stage. Each shard's features, errors and labels are published
 shard is complete, then its manifest row is written. A crash at any point leaves the unfinished
 shards out of the manifest, so the next run redoes them and replaces whatever they had published:
 one feature and one label row per good sample, never two. Ends with a summary and the drift
-signal (rayclust/drift.py).
+signal (rayclust/drift.py). New labels have ``duplicate_of`` null: near-duplicates are found by
+infer, over the whole table (rayclust/duplicates.py).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayclust.clusters import label_counts, read_clusters
+from rayclust.clusters import LabelCounts, label_counts, read_clusters
 from rayclust.errors import UserError
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, list_to_numpy
 from rayclust.models.checkpoint import latest_model
@@ -56,6 +56,7 @@ class ClusterSection:
     top_names: list[tuple[str, float]]
     size: int
     mean_confidence: float | None
+    duplicates: int
     typical: list[Example] = field(default_factory=list)
     boundary: list[Example] = field(default_factory=list)
 
@@ -117,9 +118,9 @@ def save_page(target: str, page: str, lake: Lake | None) -> None:
 def gather(lake: Lake, latest: dict, clusters: pa.Table, label_files: dict[str, str],
            feature_files: dict[str, str]) -> ReportData:
     version, k = latest["model_version"], latest["clusters"]
-    sizes, confidence = label_counts(lake, list(label_files.values()), k)
+    counts = label_counts(lake, list(label_files.values()), k)
     sampled = sample_labels(lake, label_files, feature_files, version)
-    sections = cluster_sections(clusters, sizes, confidence, sampled)
+    sections = cluster_sections(clusters, counts, sampled)
     shown = {e.key for s in sections for e in s.typical + s.boundary}
     map_rows = sampled.take(np.random.default_rng(0).permutation(sampled.num_rows)[:MAP_POINTS])
     features = sample_features(lake, feature_files, set(sampled.column("shard").to_pylist()),
@@ -127,7 +128,7 @@ def gather(lake: Lake, latest: dict, clusters: pa.Table, label_files: dict[str, 
     attach_thumbnails(sections, features)
     points, point_clusters = embedding_map(map_rows, features)
     histogram, _ = np.histogram(sampled.column("confidence").to_numpy(), HISTOGRAM_BINS, (0.0, 1.0))
-    return ReportData(lake.uri, version, encoder_of(features), labelled_when(sampled), int(sizes.sum()),
+    return ReportData(lake.uri, version, encoder_of(features), labelled_when(sampled), int(counts.sizes.sum()),
                       bad_sample_count(lake), sections, histogram, points, point_clusters,
                       read_refresh_history(lake))
 
@@ -150,16 +151,16 @@ def sample_labels(lake: Lake, label_files: dict[str, str], feature_files: dict[s
     return pa.concat_tables(pieces)
 
 
-def cluster_sections(clusters: pa.Table, sizes: np.ndarray, confidence: np.ndarray,
-                     sampled: pa.Table) -> list[ClusterSection]:
+def cluster_sections(clusters: pa.Table, counts: LabelCounts, sampled: pa.Table) -> list[ClusterSection]:
     by_cluster = sampled.column("cluster").to_numpy()
     sections = []
     for row in clusters.to_pylist():
         k = row["cluster"]
         members = sampled.filter(pa.array(by_cluster == k))
         sections.append(ClusterSection(
-            k, row["name"], [(n["name"], n["score"]) for n in row["top_names"] or []], int(sizes[k]),
-            None if np.isnan(confidence[k]) else float(confidence[k]),
+            k, row["name"], [(n["name"], n["score"]) for n in row["top_names"] or []],
+            int(counts.sizes[k]), None if np.isnan(counts.confidence[k]) else float(counts.confidence[k]),
+            int(counts.duplicates[k]),
             examples(members, most_typical(members)[:TYPICAL]),
             examples(members, np.argsort(members.column("confidence").to_numpy())[:BOUNDARY])))
     return sections
@@ -343,7 +344,8 @@ def cluster_html(section: ClusterSection, colour: str) -> str:
     return (f'<section class="cluster" id="cluster-{section.cluster}" data-cluster="{section.cluster}">'
             f'<h3><span class="swatch" style="background:{colour}"></span>{esc(section.name)} '
             f'<small>cluster {section.cluster}</small></h3>'
-            f'<p>{section.size:,} images; mean confidence {fmt(section.mean_confidence)}; names: {names}</p>'
+            f'<p>{section.size:,} images; mean confidence {fmt(section.mean_confidence)}; '
+            f'{section.duplicates:,} near-duplicates; names: {names}</p>'
             f'<h4>Most typical</h4>{sheet(section.typical)}'
             f'<h4>Least confident</h4>{sheet(section.boundary)}</section>')
 

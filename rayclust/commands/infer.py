@@ -6,7 +6,7 @@ An image model (pyramid) labels the images of the shards it was trained on (its 
 """
 import sys
 
-from rayclust.cli import JobArgumentParser, at_least
+from rayclust.cli import JobArgumentParser, at_least, fraction
 
 
 def build_parser() -> JobArgumentParser:
@@ -19,6 +19,10 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--vocabulary", default=None, metavar="FILE",
                         help="open_clip encoders: name clusters from these words, one per line (default: the "
                              "ImageNet-1k class names; effnet-lite0 always names them with its ImageNet classes)")
+    parser.add_argument("--duplicate-epsilon", type=fraction, default=0.05, metavar="EPSILON",
+                        help="mark as a near-duplicate (labels' duplicate_of) each image with a more typical image "
+                             "of its cluster at cosine similarity >= 1 - EPSILON; 0: none (default: %(default)s, "
+                             "NeMo Curator's semantic dedup default)")
     return parser
 
 
@@ -27,7 +31,8 @@ def main() -> None:
 
     from rayclust.labels import infer
 
-    summary = infer(args.lake, args.batch_size, redo=args.redo, vocabulary=args.vocabulary)
+    summary = infer(args.lake, args.batch_size, redo=args.redo, vocabulary=args.vocabulary,
+                    duplicate_epsilon=args.duplicate_epsilon)
     if summary.failures:
         sys.exit(1)
 

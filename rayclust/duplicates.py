@@ -1,0 +1,148 @@
+"""Labels gain ``duplicate_of``: the key of a more typical near-duplicate in the same cluster.
+
+NeMo Curator's semantic dedup, with the model's clusters as the k-means buckets: within a
+cluster, rows sorted from typical to odd (``distance`` to the centre, then key), each row points
+at the most typical earlier row whose cosine similarity is at least ``1 - epsilon``; a row with
+none keeps ``duplicate_of`` null, so every group of near-duplicates keeps its most central one.
+
+The pass is distributed end to end (``find_duplicates``): Ray Data reads each shard's label and
+feature files together, groups the rows by cluster (a shuffle), and in each group faiss's range
+search finds the pairs: a flat index compares every pair up to ``neighbours.EXACT_MAX_ROWS``
+rows; a larger cluster is sub-bucketed by an IVF index that probes a few lists, so a pair split
+across lists it does not probe can be missed. The pairs are grouped again by shard, where a task
+rewrites the shard's label file (staged under a new write id) only if its ``duplicate_of``
+changed, and the driver publishes each one through ``commit.commit_as_shards_finish``: a run
+killed mid-way leaves each shard's labels old or new, never lost, and a run again redoes the pass.
+A group is held whole by one task: a cluster's embeddings must fit in a worker's memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from rayclust.clusters import unit_rows
+from rayclust.commit import RECORD_SCHEMA, commit_as_shards_finish, fingerprint_of, published_path, stage_piece
+from rayclust.lake import LABELS, Lake, list_to_numpy, new_write_id
+from rayclust.lock import LakeLock
+from rayclust.neighbours import build_index
+from rayclust.progress import Progress
+
+DEFAULT_EPSILON = 0.05  # NeMo Curator's semantic dedup default
+DUPLICATE_OF = "duplicate_of"
+GROUP_COLUMNS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
+                           ("distance", pa.float32()), ("embedding", pa.list_(pa.float32()))])
+# one row per pair, plus one per shard (key null) carrying the shard's label file, so that every
+# shard is looked at: one whose duplicates are gone must lose them too
+PAIR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("duplicate_of", pa.string()),
+                         ("labels", pa.string())])
+
+
+@dataclass
+class DuplicatePass:
+    epsilon: float
+    seconds: float
+    rewritten: int
+    label_files: dict[str, str]  # shard -> its label file after the pass
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def line(self, duplicates: int, rows: int) -> str:
+        share = duplicates / rows if rows else 0.0
+        return (f"near-duplicates: {duplicates:,} of {rows:,} labels ({share:.1%}) at cosine similarity >= "
+                f"{1 - self.epsilon:g} (epsilon {self.epsilon:g}) in {self.seconds:.1f}s; "
+                f"{self.rewritten} shards' labels rewritten"
+                + "".join(f"\n  failed {s}: {r}" for s, r in sorted(self.failures.items())))
+
+
+def more_typical_duplicates(unit: np.ndarray, epsilon: float) -> np.ndarray:
+    """For rows of unit vectors sorted from most to least typical: each row's most typical earlier
+    row at cosine similarity >= 1 - epsilon, or -1 where there is none."""
+    if epsilon <= 0 or len(unit) < 2:
+        return np.full(len(unit), -1, np.int64)
+    index, _ = build_index(unit)
+    # faiss keeps scores strictly above the radius; the nudge keeps those equal to it
+    limits, _, found = index.range_search(unit, 1.0 - epsilon - 1e-6)
+    query = np.repeat(np.arange(len(unit)), np.diff(limits).astype(np.int64))
+    earlier = found < query
+    best = np.full(len(unit), len(unit), np.int64)
+    np.minimum.at(best, query[earlier], found[earlier])
+    return np.where(best < len(unit), best, -1)
+
+
+def duplicates_in_cluster(group: pa.Table, epsilon: float) -> pa.Table:
+    """Ray Data ``map_groups``: one cluster's rows become its pairs (``PAIR_SCHEMA``)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # the task holds one CPU
+    rows = group.sort_by([("distance", "ascending"), ("key", "ascending")])  # null distance: last
+    embeddings = list_to_numpy(rows.column("embedding"), len(rows.column("embedding")[0]))
+    found = more_typical_duplicates(unit_rows(embeddings).astype(np.float32), epsilon)
+    marked = np.flatnonzero(found >= 0)
+    keys = rows.column("key")
+    return pa.table([keys.take(marked), rows.column("shard").take(marked), keys.take(found[marked]),
+                     pa.nulls(len(marked), pa.string())], schema=PAIR_SCHEMA)
+
+
+def labelled_embeddings(batch: pa.Table, lake: Lake) -> pa.Table:
+    """Ray Data stage: each (shard, labels, features) row becomes the shard's rows to group
+    (``GROUP_COLUMNS``), the embedding taken by each label key's row in the feature file."""
+    tables = []
+    for shard, labels, features in zip(*(batch.column(c).to_pylist() for c in ("shard", "labels", "features"))):
+        labelled = pq.read_table(labels, columns=["key", "cluster", "distance"], filesystem=lake.arrow_fs)
+        embedded = pq.read_table(features, columns=["key", "embedding"], filesystem=lake.arrow_fs)
+        rows = pc.index_in(labelled.column("key"), value_set=embedded.column("key"))
+        tables.append(pa.table([labelled.column("key"), pa.array([shard] * labelled.num_rows, pa.string()),
+                                labelled.column("cluster"), labelled.column("distance"),
+                                embedded.column("embedding").take(rows)], schema=GROUP_COLUMNS))
+    return pa.concat_tables(tables) if tables else GROUP_COLUMNS.empty_table()
+
+
+def rewrite_labels(group: pa.Table, lake: Lake, write_id: str, columns: tuple[str, ...]) -> pa.Table:
+    """Ray Data ``map_groups``: one shard's pairs become its label file with ``duplicate_of``
+    filled, staged as a piece, and its records (``commit.RECORD_SCHEMA``); no records where the
+    file already says the same."""
+    path = pc.drop_null(group.column("labels"))[0].as_py()
+    shard = group.column("shard")[0].as_py()
+    pairs = group.filter(pc.is_valid(group.column("key")))
+    labels = pq.read_table(path, filesystem=lake.arrow_fs)
+    found = pairs.column(DUPLICATE_OF).take(pc.index_in(labels.column("key"), value_set=pairs.column("key")))
+    if DUPLICATE_OF in labels.column_names and labels.column(DUPLICATE_OF).equals(found):
+        return RECORD_SCHEMA.empty_table()
+    rows = labels.select([c for c in columns if c != DUPLICATE_OF]).append_column(DUPLICATE_OF, found)
+    records = [stage_piece(lake, write_id, LABELS, shard, rows), (None, shard, None, rows.num_rows, None)]
+    return pa.table([list(column) for column in zip(*records)], schema=RECORD_SCHEMA)
+
+
+def find_duplicates(lake: Lake, lock: LakeLock, label_files: dict[str, str], feature_files: dict[str, str],
+                    epsilon: float, columns: tuple[str, ...]) -> DuplicatePass:
+    """Fill ``duplicate_of`` in the label files (shard -> path; each shard's features in
+    ``feature_files``) and publish the shards whose column changed; ``columns`` is the label
+    file's columns, ``duplicate_of`` among them. Epsilon 0 only clears earlier duplicates."""
+    started, write_id = time.time(), new_write_id()
+    shards = sorted(set(label_files) & set(feature_files))
+    files = pa.table({"shard": shards, "labels": [label_files[s] for s in shards],
+                      "features": [feature_files[s] for s in shards]})
+    every_shard = ray.data.from_arrow(pa.table([pa.nulls(len(shards), pa.string()), files.column("shard"),
+                                                pa.nulls(len(shards), pa.string()), files.column("labels")],
+                                               schema=PAIR_SCHEMA))
+    pairs = every_shard
+    if epsilon > 0:
+        rows = ray.data.from_arrow(files).map_batches(labelled_embeddings, batch_size=1, batch_format="pyarrow",
+                                                     fn_kwargs={"lake": lake}, num_cpus=0.25)
+        pairs = every_shard.union(rows.groupby("cluster").map_groups(
+            duplicates_in_cluster, batch_format="pyarrow", fn_kwargs={"epsilon": epsilon}))
+    records = pairs.groupby("shard").map_groups(rewrite_labels, batch_format="pyarrow", num_cpus=0.25,
+                                                fn_kwargs={"lake": lake, "write_id": write_id, "columns": columns})
+    fingerprints = {s: {LABELS: fingerprint_of(label_files[s])} for s in shards}
+    committed = commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS,
+                                        Progress("near-duplicates", len(shards)), fingerprints,
+                                        before_publish=lock.check)
+    after = dict(label_files)
+    after.update({s: published_path(lake, LABELS, s, write_id, fingerprints[s][LABELS]) for s in committed.published})
+    return DuplicatePass(epsilon, time.time() - started, committed.shards, after, committed.failures)
+
