@@ -36,12 +36,12 @@ class PageParts(HTMLParser):
 def report_data(thumbnail: bytes) -> ReportData:
     hostile = "<script>alert(1)</script>"
     sections = [
-        ClusterSection(0, "tabby cat", [("tabby cat", 0.6), ("tiger cat", 0.3)], 120, 0.91,
+        ClusterSection(0, "tabby cat", [("tabby cat", 0.6), ("tiger cat", 0.3)], 120, 0.91, 7,
                        typical=[Example("k1", 0.99, "photos/k1.jpg", thumbnail), Example("k2", 0.97)],
                        boundary=[Example("k3", 0.31, None, thumbnail)]),
-        ClusterSection(1, hostile, [(hostile, 0.5)], 80, 0.75,
+        ClusterSection(1, hostile, [(hostile, 0.5)], 80, 0.75, 0,
                        typical=[Example(hostile, 0.8, f"https://x/{hostile}", thumbnail)]),
-        ClusterSection(2, "cluster 2", [], 0, None),
+        ClusterSection(2, "cluster 2", [], 0, None, 0),
     ]
     rng = np.random.default_rng(0)
     record = RefreshRecord("2026-11-30T12:00:00Z", "run/epoch-3", 2, 0, 200, 1, 0, 0.8, 0.85, 0.05, False)
@@ -68,7 +68,7 @@ def test_page_inlines_thumbnails_escapes_names_and_marks_what_is_missing():
     assert len(parts.images) == 3 and all(src == "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
                                           for src in parts.images)
     text = " ".join(parts.text)
-    assert "no thumbnail" in text and "none in the sample" in text
+    assert "no thumbnail" in text and "none in the sample" in text and "7 near-duplicates" in text
     assert 'title="k1 (0.99): photos/k1.jpg"' in page  # where the image came from, on hover
     assert "2026-11-30T12:00:00Z" in text and "run/epoch-3" in text
     assert page.count("<circle") == 50 and page.count("<svg") == 3
