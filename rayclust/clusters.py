@@ -24,6 +24,7 @@ import torch
 from rayclust.health import ClusterHealth
 from rayclust.lake import FEATURES, Lake, list_to_numpy, read_sample
 from rayclust.naming import ClusterNames, name_clusters
+from rayclust.runtime import shuffle_partitions
 
 CLUSTERS = "clusters"
 CENTRE_ROWS = 50_000
@@ -136,7 +137,7 @@ def label_counts(lake: Lake, label_files: list[str], clusters: int) -> LabelCoun
 
     counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs,
                                     columns=["cluster", "confidence", "duplicate_of"])
-              .groupby("cluster").aggregate(Count(), Mean("confidence"),
+              .groupby("cluster", num_partitions=shuffle_partitions(clusters)).aggregate(Count(), Mean("confidence"),
                                             Count("duplicate_of", ignore_nulls=True, alias_name="duplicates"))
               .take_all())
     found = LabelCounts(np.zeros(clusters, np.int64), np.full(clusters, np.nan, np.float32),

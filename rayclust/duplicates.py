@@ -32,6 +32,7 @@ from rayclust.lake import LABELS, Lake, list_to_numpy, new_write_id
 from rayclust.lock import LakeLock
 from rayclust.neighbours import build_index
 from rayclust.progress import Progress
+from rayclust.runtime import shuffle_partitions
 
 DEFAULT_EPSILON = 0.05  # NeMo Curator's semantic dedup default
 DUPLICATE_OF = "duplicate_of"
@@ -119,10 +120,10 @@ def rewrite_labels(group: pa.Table, lake: Lake, write_id: str, columns: tuple[st
 
 
 def find_duplicates(lake: Lake, lock: LakeLock, label_files: dict[str, str], feature_files: dict[str, str],
-                    epsilon: float, columns: tuple[str, ...]) -> DuplicatePass:
+                    epsilon: float, columns: tuple[str, ...], clusters: int) -> DuplicatePass:
     """Fill ``duplicate_of`` in the label files (shard -> path; each shard's features in
     ``feature_files``) and publish the shards whose column changed; ``columns`` is the label
-    file's columns, ``duplicate_of`` among them. Epsilon 0 only clears earlier duplicates."""
+    file's columns, ``duplicate_of`` among them; ``clusters``: the model's K. Epsilon 0 only clears earlier duplicates."""
     started, write_id = time.time(), new_write_id()
     shards = sorted(set(label_files) & set(feature_files))
     files = pa.table({"shard": shards, "labels": [label_files[s] for s in shards],
@@ -134,9 +135,9 @@ def find_duplicates(lake: Lake, lock: LakeLock, label_files: dict[str, str], fea
     if epsilon > 0:
         rows = ray.data.from_arrow(files).map_batches(labelled_embeddings, batch_size=1, batch_format="pyarrow",
                                                      fn_kwargs={"lake": lake}, num_cpus=0.25)
-        pairs = every_shard.union(rows.groupby("cluster").map_groups(
+        pairs = every_shard.union(rows.groupby("cluster", num_partitions=shuffle_partitions(clusters)).map_groups(
             duplicates_in_cluster, batch_format="pyarrow", fn_kwargs={"epsilon": epsilon}))
-    records = pairs.groupby("shard").map_groups(rewrite_labels, batch_format="pyarrow", num_cpus=0.25,
+    records = pairs.groupby("shard", num_partitions=shuffle_partitions(len(shards))).map_groups(rewrite_labels, batch_format="pyarrow", num_cpus=0.25,
                                                 fn_kwargs={"lake": lake, "write_id": write_id, "columns": columns})
     fingerprints = {s: {LABELS: fingerprint_of(label_files[s])} for s in shards}
     committed = commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS,

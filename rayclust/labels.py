@@ -176,7 +176,8 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
         centres = sample_centres(lake, features, model, latest["clusters"])
         summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo, centres.unit)
         print(summary, flush=True)
-        duplicates = find_duplicates(lake, lock, label_files, features, duplicate_epsilon, LABEL_COLUMNS)
+        duplicates = find_duplicates(lake, lock, label_files, features, duplicate_epsilon, LABEL_COLUMNS,
+                                     latest["clusters"])
         label_files = duplicates.label_files
         described = describe_clusters(lake, latest, encoder, centres, list(label_files.values()), words)
     print(duplicates_line(duplicates, described), clusters_line(lake, latest, described),

@@ -155,6 +155,13 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 0.0)
 
 
+def shuffle_partitions(groups: int) -> int:
+    """Partitions for a Ray Data groupby of ``groups`` groups: two per CPU at most, never more than
+    groups. Ray Data's default (200, each with its aggregator) costs a small cluster more to start
+    than the data costs to move."""
+    return max(1, min(groups, 2 * int(cluster_cpus()) or 1))
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
