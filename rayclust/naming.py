@@ -6,7 +6,7 @@
   open_clip ships; a user's own is a text file, one name per line.
 - ``effnet-lite0``: its own ImageNet classifier head applied to the cluster's mean embedding (the
   mean of a linear head's logits over the members is the head's logits of their mean).
-- Any other encoder: clusters are numbered.
+- Any other encoder (features imported under another name): clusters are numbered.
 Each cluster also gets one name of its own (``ClusterNames.name``): words are matched one to one
 to clusters (the assignment with the highest total log score), so two clusters that both look
 most like "chain" are not both called "chain"; with fewer words than clusters, repeats are
@@ -55,9 +55,17 @@ def read_vocabulary(path: str) -> list[str]:
     return words
 
 
+def encoder_kind(encoder: str) -> str | None:
+    """open_clip, effnet, or None for features made elsewhere (an import names its own encoder)."""
+    try:
+        return parse_spec(encoder).kind
+    except UserError:
+        return None
+
+
 def check_vocabulary_fits(encoder: str, vocabulary: list[str] | None) -> None:
     """A user vocabulary needs a text tower: only open_clip encoders have one."""
-    if vocabulary is not None and parse_spec(encoder).kind != "open_clip":
+    if vocabulary is not None and encoder_kind(encoder) != "open_clip":
         raise UserError(f"--vocabulary names clusters with an open_clip text tower; the features were made with "
                         f"{encoder}, which names them with its own ImageNet classes")
 
@@ -66,7 +74,7 @@ def name_clusters(encoder: str, unit_centres: np.ndarray, mean_embeddings: np.nd
                   vocabulary: list[str] | None = None) -> list[ClusterNames]:
     """Each cluster's own name and its TOP_NAMES best words (none for a cluster without a centre)."""
     check_vocabulary_fits(encoder, vocabulary)
-    kind = parse_spec(encoder).kind
+    kind = encoder_kind(encoder)
     if kind == "effnet":
         scores = effnet_class_scores(encoder, mean_embeddings)
         words: list[str] = imagenet_classnames()

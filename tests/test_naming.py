@@ -57,6 +57,11 @@ def test_clusters_that_look_alike_get_names_of_their_own():
     assert own_names(scores, ["chain"]) == ["chain", "chain 2", "chain 3"]
 
 
+def test_features_of_an_encoder_rayclust_does_not_know_give_numbered_clusters():
+    names = name_clusters("imported-features", np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32))
+    assert [(n.name, n.top) for n in names] == [(None, [])] * 3
+
+
 def test_a_vocabulary_needs_a_text_tower_and_some_words(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")

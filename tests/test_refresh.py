@@ -419,10 +419,11 @@ def spark():
 
 def check_spark_join(spark, lake: str, shards: int) -> None:
     seen = spark(lake)
-    assert seen["label_types"] == {"key": "string", "cluster": "int", "confidence": "float",
-                                   "model_version": "string", "labeled_at": "timestamp", "write_id": "string",
-                                   "shard": "string"}
+    assert seen["label_types"] == {"key": "string", "source": "string", "cluster": "int", "confidence": "float",
+                                   "distance": "float", "model_version": "string", "labeled_at": "timestamp",
+                                   "duplicate_of": "string", "write_id": "string", "shard": "string"}
     assert seen["feature_types"]["embedding"] == "array<float>"
+    assert seen["feature_types"]["thumbnail"] == "binary" and seen["feature_types"]["source"] == "string"
     assert seen["feature_types"]["views"] == "array<array<float>>"
     assert seen["joined_rows"] == seen["joined_keys"] == shards * SAMPLES
     assert seen["joined_shards"] == shards
