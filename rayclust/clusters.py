@@ -24,7 +24,7 @@ import torch
 from rayclust.health import ClusterHealth
 from rayclust.lake import FEATURES, Lake, list_to_numpy, read_sample
 from rayclust.naming import ClusterNames, name_clusters
-from rayclust.runtime import shuffle_partitions
+from rayclust.runtime import shuffle_partitions, task_shuffles
 
 CLUSTERS = "clusters"
 CENTRE_ROWS = 50_000
@@ -135,11 +135,13 @@ def label_counts(lake: Lake, label_files: list[str], clusters: int) -> LabelCoun
     import ray
     from ray.data.aggregate import Count, Mean
 
-    counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs,
-                                    columns=["cluster", "confidence", "duplicate_of"])
-              .groupby("cluster", num_partitions=shuffle_partitions(clusters)).aggregate(Count(), Mean("confidence"),
-                                            Count("duplicate_of", ignore_nulls=True, alias_name="duplicates"))
-              .take_all())
+    with task_shuffles():
+        counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs,
+                                        columns=["cluster", "confidence", "duplicate_of"])
+                  .groupby("cluster", num_partitions=shuffle_partitions(clusters))
+                  .aggregate(Count(), Mean("confidence"), Count("duplicate_of", ignore_nulls=True,
+                                                                 alias_name="duplicates"))
+                  .take_all())
     found = LabelCounts(np.zeros(clusters, np.int64), np.full(clusters, np.nan, np.float32),
                         np.zeros(clusters, np.int64))
     for row in counts:

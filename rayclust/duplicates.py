@@ -32,7 +32,7 @@ from rayclust.lake import LABELS, Lake, list_to_numpy, new_write_id
 from rayclust.lock import LakeLock
 from rayclust.neighbours import build_index
 from rayclust.progress import Progress
-from rayclust.runtime import shuffle_partitions
+from rayclust.runtime import shuffle_partitions, task_shuffles
 
 DEFAULT_EPSILON = 0.05  # NeMo Curator's semantic dedup default
 DUPLICATE_OF = "duplicate_of"
@@ -123,7 +123,14 @@ def find_duplicates(lake: Lake, lock: LakeLock, label_files: dict[str, str], fea
                     epsilon: float, columns: tuple[str, ...], clusters: int) -> DuplicatePass:
     """Fill ``duplicate_of`` in the label files (shard -> path; each shard's features in
     ``feature_files``) and publish the shards whose column changed; ``columns`` is the label
-    file's columns, ``duplicate_of`` among them; ``clusters``: the model's K. Epsilon 0 only clears earlier duplicates."""
+    file's columns, ``duplicate_of`` among them; ``clusters``: the model's K. Epsilon 0 only
+    clears earlier duplicates."""
+    with task_shuffles():
+        return duplicate_pass(lake, lock, label_files, feature_files, epsilon, columns, clusters)
+
+
+def duplicate_pass(lake: Lake, lock: LakeLock, label_files: dict[str, str], feature_files: dict[str, str],
+                   epsilon: float, columns: tuple[str, ...], clusters: int) -> DuplicatePass:
     started, write_id = time.time(), new_write_id()
     shards = sorted(set(label_files) & set(feature_files))
     files = pa.table({"shard": shards, "labels": [label_files[s] for s in shards],

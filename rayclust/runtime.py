@@ -6,6 +6,8 @@ import os
 import re
 import socket
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import ray
 from ray.data import DataContext
@@ -153,6 +155,23 @@ def keep_idle_workers() -> None:
 
 def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 0.0)
+
+
+@contextmanager
+def task_shuffles() -> Iterator[None]:
+    """Ray Data groupbys started inside shuffle with tasks (pull-based sort: map and reduce tasks on
+    the workers Ray keeps) instead of the hash shuffle's aggregator actors, each a process to
+    start. On the demo's lake: the near-duplicate pass 13.5-18.5 s -> 5.6-6.0 s, cluster counts
+    5 -> 3 s."""
+    from ray.data.context import ShuffleStrategy
+
+    context = DataContext.get_current()
+    before = context.shuffle_strategy
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = before
 
 
 def shuffle_partitions(groups: int) -> int:

@@ -28,7 +28,7 @@ from rayclust.commands import JOBS as JOBS_BY_NAME
 from rayclust.commands import main as rayclust_main
 from rayclust.errors import UserError
 
-from conftest import REPO, TINY_ENCODER, job_command, job_env
+from conftest import REPO, TINY_ENCODER, job_env
 
 JOBS = REPO / "jobs"
 
@@ -200,30 +200,6 @@ def test_rayclust_runs_a_job(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "wrote 2 shards" in run.stdout, run.stdout
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
-
-
-RAY_DATA_INFO = ("Starting execution of Dataset", "Execution plan of Dataset", "Running Dataset", "execution finished")
-
-
-@pytest.mark.slow
-def test_ray_s_own_lines_only_with_verbose(tmp_path):
-    """A real embed of a 20-image shard, as ``rayclust embed`` and then ``jobs/embed.py --verbose``:
-    Ray Data's INFO records (an execution's start, plan, progress blocks and end) only in the second."""
-    from rayclust.synthetic import write_synthetic_shards
-
-    [shard] = write_synthetic_shards(str(tmp_path / "shards"), shards=1, per_shard=20)
-    flags = ["--shards", shard, "--lake", str(tmp_path / "lake"), "--encoder", TINY_ENCODER]
-    quiet = run_rayclust(["embed", *flags], tmp_path)
-    verbose = subprocess.run(job_command("embed.py", *flags, "--redo", "--verbose"), capture_output=True, text=True,
-                             timeout=300, env={**job_env(), "PYTHONPATH": str(REPO)})
-    for run in (quiet, verbose):
-        assert run.returncode == 0, run.stderr
-        assert "embedded 20 samples from 1 shards" in run.stdout, run.stdout
-        assert "embed: 1/1 shards, 20 samples" in run.stdout, run.stdout  # the job's own progress line stays
-    quiet_output = quiet.stdout + quiet.stderr
-    assert not [line for line in quiet_output.splitlines() if "\tINFO " in line], quiet_output
-    assert not [phrase for phrase in RAY_DATA_INFO if phrase in quiet_output], quiet_output
-    assert all(phrase in verbose.stdout + verbose.stderr for phrase in RAY_DATA_INFO), verbose.stderr
 
 
 def test_a_ray_task_s_user_error_is_found_behind_ray_s_wrapper(ray_session):

@@ -39,6 +39,7 @@ SHARDS = [f"part-{i:06d}" for i in range(4)]
 NO_IMAGE_KEY = "zz_no_image"
 CLUSTERS = 5
 KILL_ATTEMPTS = 3
+RAY_DATA_INFO = ("Starting execution of Dataset", "Execution plan of Dataset", "Running Dataset", "execution finished")
 
 
 # --- building shards and running the job -----------------------------------------------------
@@ -206,6 +207,14 @@ def test_rerun_took_over_the_killed_runs_lock_and_recorded_every_shard(crash_and
     adopted = int(re.search(r"adopted +(\d+) ", log).group(1))
     left = 3 - crash_and_rerun["at_kill"]["recorded"] - adopted
     assert re.search(r"shards seen +3\n", log) and rerun_labelled(crash_and_rerun) == left * SAMPLES, log
+
+
+def test_a_job_without_verbose_prints_its_own_lines_and_none_of_rays(crash_and_rerun):
+    """(With ``--verbose`` Ray Data's lines show: tests/test_faults.py's jobs wait for one of them.)"""
+    log = crash_and_rerun["second_log"]
+    assert "refresh summary" in log and "took over the stale lock" in log, log
+    assert not [line for line in log.splitlines() if "\tINFO " in line], log
+    assert not [phrase for phrase in RAY_DATA_INFO if phrase in log], log
 
 
 def rerun_labelled(crash_and_rerun: dict) -> int:

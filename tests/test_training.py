@@ -4,6 +4,7 @@ views, and an image model given too few images for a batch."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -181,3 +182,22 @@ def test_too_few_images_for_a_batch_end_the_job_in_one_line_before_training(tmp_
     # Ray's own processes may log tracebacks of their own trouble, unrelated to the job's: Ray Train's controller
     # when a resource request times out on a loaded machine, its PlacementGroupCleaner where several local Rays run
     assert not [line for line in output.splitlines() if "Traceback" in line and not RAY_PROCESS.search(line)], output
+
+
+@pytest.mark.slow
+def test_a_run_chooses_k_from_a_range_and_records_it(ray_session, tmp_path, digits_features, capsys):
+    from rayclust.choose_k import CRITERION
+    from rayclust.cli import ClusterRange
+
+    lake = write_digits_feature_lake(digits_features, str(tmp_path / "lake"), shards=1)
+    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=ClusterRange(8, 12), epochs=1, self_label_epochs=0,
+                                 batch_size=128, run="chosen", evaluate=False))
+    out = capsys.readouterr().out
+    assert [int(k) for k in re.findall(r"^K (\d+): silhouette ", out, re.M)] == [8, 9, 10, 11, 12], out
+    chosen = int(re.search(r"^chose K = (\d+) by ", out, re.M).group(1))
+    assert 8 <= chosen <= 12 and latest["clusters"] == chosen
+    with lake.fs.open(lake.path(latest["checkpoint"], "config.json")) as f:
+        config = json.load(f)
+    assert config["clusters"] == chosen
+    assert config["clusters_chosen"]["chosen"] == chosen and config["clusters_chosen"]["criterion"] == CRITERION
+    assert [score["clusters"] for score in config["clusters_chosen"]["scores"]] == [8, 9, 10, 11, 12]
