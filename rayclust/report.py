@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 
 from rayclust.clusters import LabelCounts, label_counts, read_clusters
 from rayclust.errors import UserError
-from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, list_to_numpy
+from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, filesystem_for, list_to_numpy
 from rayclust.models.checkpoint import latest_model
 from rayclust.refresh_history import RefreshRecord, read_refresh_history
+from rayclust.runtime import init_ray
 
 REPORTS = "reports"
 SAMPLE_SHARDS = 32
@@ -89,8 +90,6 @@ class ReportSummary:
 
 def write_report(lake_uri: str, out: str | None = None) -> ReportSummary:
     """Write the report of the LATEST model's labels to ``out`` (default: in the lake)."""
-    from rayclust.runtime import init_ray
-
     started = time.time()
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
@@ -107,8 +106,7 @@ def write_report(lake_uri: str, out: str | None = None) -> ReportSummary:
 
 
 def save_page(target: str, page: str, lake: Lake | None) -> None:
-    from rayclust.lake import filesystem_for
-
+    """``target``: a path in ``lake``, or (no lake) a local path or URI of its own."""
     fs, path = (lake.fs, target) if lake else filesystem_for(target)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w", encoding="utf-8") as f:
