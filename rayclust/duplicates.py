@@ -142,10 +142,12 @@ def duplicate_pass(lake: Lake, lock: LakeLock, label_files: dict[str, str], feat
     if epsilon > 0:
         rows = ray.data.from_arrow(files).map_batches(labelled_embeddings, batch_size=1, batch_format="pyarrow",
                                                      fn_kwargs={"lake": lake}, num_cpus=0.25)
-        pairs = every_shard.union(rows.groupby("cluster", num_partitions=shuffle_partitions(clusters)).map_groups(
-            duplicates_in_cluster, batch_format="pyarrow", fn_kwargs={"epsilon": epsilon}))
-    records = pairs.groupby("shard", num_partitions=shuffle_partitions(len(shards))).map_groups(rewrite_labels, batch_format="pyarrow", num_cpus=0.25,
-                                                fn_kwargs={"lake": lake, "write_id": write_id, "columns": columns})
+        by_cluster = rows.groupby("cluster", num_partitions=shuffle_partitions(clusters))
+        pairs = every_shard.union(by_cluster.map_groups(duplicates_in_cluster, batch_format="pyarrow",
+                                                        fn_kwargs={"epsilon": epsilon}))
+    by_shard = pairs.groupby("shard", num_partitions=shuffle_partitions(len(shards)))
+    records = by_shard.map_groups(rewrite_labels, batch_format="pyarrow", num_cpus=0.25,
+                                  fn_kwargs={"lake": lake, "write_id": write_id, "columns": columns})
     fingerprints = {s: {LABELS: fingerprint_of(label_files[s])} for s in shards}
     committed = commit_as_shards_finish(records, lake, write_id, (LABELS,), LABELS,
                                         Progress("near-duplicates", len(shards)), fingerprints,

@@ -130,7 +130,8 @@ class Labeler:
             rows = batch.filter(pa.array(good)).column("embedding")
             embeddings = list_to_numpy(rows, len(rows[0]))
             with torch.no_grad():
-                probabilities[good] = self.model.predict(torch.from_numpy(embeddings).to(self.device)).float().cpu().numpy()
+                inputs = torch.from_numpy(embeddings).to(self.device)
+                probabilities[good] = self.model.predict(inputs).float().cpu().numpy()
             if self.centres is not None:
                 distance[good] = centre_distances(embeddings, probabilities[good].argmax(1), self.centres)
         return with_labels(batch, probabilities, self.version, distance)
@@ -157,7 +158,8 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     """Label every feature row with the LATEST model (shards it already labelled from the same
     features are skipped unless ``redo``), mark near-duplicates (``rayclust.duplicates``, at cosine
     similarity >= 1 - ``duplicate_epsilon``; 0: none) and describe its clusters (names from
-    ``vocabulary``, a file, or the encoder's default); ``evaluate`` prints ACC/NMI/ARI on a bounded sample."""
+    ``vocabulary``, a file, or the encoder's default); ``evaluate`` prints ACC/NMI/ARI on a
+    bounded sample."""
     words = read_vocabulary(vocabulary) if vocabulary else None
     lake = Lake.open(lake_uri)
     latest = latest_model(lake)
