@@ -30,6 +30,7 @@ import os
 import traceback
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ NEIGHBOURS = "neighbours"
 EVALUATION = "evaluation"
 STAGING = "_staging"
 WRITE_ID = "write_id"
+FOOTER_READS = 32  # concurrent footer reads: each waits on the store, not the CPU
 # pyarrow (Parquet, listings, checkpoints): AWS's default strategy retries at once, then after
 # 50 ms, doubling, without jitter: the last of 11 retries comes 51 s after the first failure.
 ARROW_S3_RETRIES = 11
@@ -190,6 +192,11 @@ class Lake:
         self.fs.invalidate_cache(path)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def footer_rows(self, paths: list[str]) -> list[int]:
+        """Each Parquet file's row count, from its footer (no rows read), FOOTER_READS at a time."""
+        with ThreadPoolExecutor(FOOTER_READS) as pool:
+            return list(pool.map(lambda p: pq.ParquetFile(p, filesystem=self.arrow_fs).metadata.num_rows, paths))
 
     def read_json(self, *parts: str) -> Any | None:
         path = self.path(*parts)

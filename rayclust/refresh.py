@@ -12,10 +12,8 @@ infer, over the whole table (rayclust/duplicates.py).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 import torch
 
 from rayclust.clusters import centres_for
@@ -34,7 +32,6 @@ from rayclust.runtime import init_ray, require_shared
 
 EXIT_DRIFT = 3
 EXIT_FAILED_SHARDS = 4
-FOOTER_READS = 32  # concurrent footer reads when adopting shards
 
 
 @dataclass
@@ -167,16 +164,13 @@ def adopt_done_shards(lake: Lake, new: list[SourceShard], encoder: str, views: i
     if not done:
         return set()
     errors = lake.newest_files(ERRORS)
-    with ThreadPoolExecutor(FOOTER_READS) as pool:
-        samples = list(pool.map(lambda s: footer_rows(lake, features[s.name]), done))
-        bad = list(pool.map(lambda s: footer_rows(lake, errors[s.name]) if s.name in errors else 0, done))
+    samples = lake.footer_rows([features[s.name] for s in done])
+    erring = [s.name for s in done if s.name in errors]
+    bad_rows = dict(zip(erring, lake.footer_rows([errors[name] for name in erring])))
+    bad = [bad_rows.get(s.name, 0) for s in done]
     record_shards(lake, write_id, [manifest_entry(s, n, b, encoder, latest["model_version"])
                                    for s, n, b in zip(done, samples, bad)])
     return {s.name for s in done}
-
-
-def footer_rows(lake: Lake, path: str) -> int:
-    return pq.ParquetFile(path, filesystem=lake.arrow_fs).metadata.num_rows
 
 
 def process_shards(lake: Lake, lock: LakeLock, todo: list[SourceShard], latest: dict, model: torch.nn.Module,

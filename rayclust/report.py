@@ -17,7 +17,6 @@ import datetime
 import html
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +36,6 @@ SAMPLE_SHARDS = 32
 TYPICAL, BOUNDARY = 12, 6  # images per cluster: the contact sheet, the boundary strip
 MAP_POINTS = 2000
 HISTOGRAM_BINS = 20
-FOOTER_READS = 32
 LATER_LABEL_COLUMNS = {"source": pa.string(), "distance": pa.float32()}
 PALETTE_SATURATION, PALETTE_LIGHTNESS = 65, 45
 
@@ -231,9 +229,7 @@ def labelled_when(sampled: pa.Table) -> str:
 
 def bad_sample_count(lake: Lake) -> int:
     """Rows of the errors table, from the files' footers (no rows read)."""
-    files = list(lake.newest_files(ERRORS).values())
-    with ThreadPoolExecutor(FOOTER_READS) as pool:
-        return sum(pool.map(lambda p: pq.ParquetFile(p, filesystem=lake.arrow_fs).metadata.num_rows, files))
+    return sum(lake.footer_rows(list(lake.newest_files(ERRORS).values())))
 
 
 # --- the page ---------------------------------------------------------------------------------
