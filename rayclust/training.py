@@ -40,6 +40,7 @@ from rayclust.models import build_model, is_image_model, load_tensors, model_con
 from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
 from rayclust.models.heads import REFILL_ROWS, ClusterHeads, CoAssignments
 from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
+from rayclust.progress import duration
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, count_images, expand_shards, read_shards
 from rayclust.train_data import feature_batches
@@ -367,6 +368,7 @@ def train_loop(config: dict) -> None:
     batches = epoch_batches(config, rank, world)
     epochs = config["epochs"] + config["self_label_epochs"]
     threshold = hyper.get("self_label_threshold", SELF_LABEL_THRESHOLD)
+    loop_started = time.monotonic()
     for epoch in range(start_epoch, epochs):
         co_assigned = None
         if epoch < config["epochs"]:  # the last contrastive epoch also counts co-assignments to align the heads
@@ -379,7 +381,9 @@ def train_loop(config: dict) -> None:
         # epoch: epochs trained so far, the number the progress line and the model version show
         metrics.update(epoch=epoch + 1, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}", flush=True)
+            per_epoch = (time.monotonic() - loop_started) / (epoch + 1 - start_epoch)
+            left = f", {duration(per_epoch * (epochs - epoch - 1))} left" if epoch + 1 < epochs else ""
+            print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}{left}", flush=True)
         if co_assigned is not None:
             consensus = align_cluster_heads(model, co_assigned.table(), rank)
         metrics.update(consensus)
