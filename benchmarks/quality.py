@@ -13,6 +13,7 @@ defaults ``jobs/train.py`` ships; no run is selected by its accuracy.
     python benchmarks/quality.py --pyramid-epochs 8   # adds the pyramid model on the CIFAR-10 images
     python benchmarks/quality.py --seeds 0 --variants ccmlp-no-neighbours mfavb-2-pair-contrast   # ablations
     python benchmarks/quality.py --rows 500 --variants kmeans ccmlp      # a small corpus, default flags
+    python benchmarks/quality.py --views 0 --variants ccmlp mfavb-2     # no augmented views: neighbours only
 
 Goals (issue 3): MFAVB ACC >= k-means ACC + 0.15 (k-means: 0.462); MFAVB >= CC-MLP; one MFAVB
 run <= 10 minutes on the 2-core machine.
@@ -55,15 +56,17 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
 ROWS_PER_SHARD = 1000
 
 
-def build_lake(lake_uri: str, rows: int | None = None) -> tuple[dict[str, int], np.ndarray]:
+def build_lake(lake_uri: str, rows: int | None = None, views: int = 3) -> tuple[dict[str, int], np.ndarray]:
     """The npz (or a random ``rows`` of it, the same for every seed) as a feature table of 1,000-row
-    shards; returns key -> true label, and the clean features."""
+    shards with the first ``views`` augmented views (as ``jobs/embed.py --views``); returns key ->
+    true label, and the clean features."""
     import numpy as np
 
     from rayclust.features import write_feature_arrays
     from rayclust.lake import Lake
 
     data = dict(np.load(CIFAR_FEATURES))
+    data["views"] = data["views"][:, :views]
     if rows:
         chosen = np.sort(np.random.default_rng(0).permutation(len(data["keys"]))[:rows])
         data = {name: values[chosen] for name, values in data.items()}
@@ -147,6 +150,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override every model's shipped epochs")
     parser.add_argument("--rows", type=int, default=None,
                         help="a random subset of this many images (a small corpus; default: all 10,000)")
+    parser.add_argument("--views", type=int, default=3, choices=[0, 1, 2, 3],
+                        help="augmented views per image in the table (0: clean embeddings and neighbours only)")
     parser.add_argument("--pyramid-epochs", type=int, default=0, help="also train the pyramid model (0: skip)")
     args = parser.parse_args()
     if not CIFAR_FEATURES.is_file():
@@ -159,7 +164,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="rayclust-quality-") as lake:
-        truth, clean = build_lake(lake, args.rows)
+        truth, clean = build_lake(lake, args.rows, args.views)
         truth_labels = np.array(list(truth.values()))
         init_ray()
         for name in args.variants:
