@@ -40,11 +40,19 @@ CLUSTER_SCHEMA = pa.schema([("cluster", pa.int32()), ("model_version", pa.string
 @dataclass
 class Centres:
     """Per cluster, from a bounded sample: ``unit`` [K, D] (NaN rows for a cluster with no
-    member in the sample), ``mean`` [K, D] the members' mean embedding, ``members`` [K]."""
+    member in the sample), ``mean`` [K, D] the members' mean embedding, ``members`` [K]; and the
+    sample itself: ``sample`` [N, D] unit rows, ``assigned`` [N] their clusters."""
 
     unit: np.ndarray
     mean: np.ndarray
     members: np.ndarray
+    sample: np.ndarray
+    assigned: np.ndarray
+
+    @property
+    def whole_table(self) -> bool:
+        """Whether the sample is every row: the table has fewer than CENTRE_ROWS."""
+        return len(self.assigned) < CENTRE_ROWS
 
 
 @dataclass
@@ -81,14 +89,15 @@ def predicted_clusters(model: torch.nn.Module, embeddings: np.ndarray) -> np.nda
 
 def centres_of(embeddings: np.ndarray, assigned: np.ndarray, clusters: int) -> Centres:
     members = np.bincount(assigned, minlength=clusters)
+    sample = unit_rows(embeddings).astype(np.float32)
     sums = np.zeros((clusters, embeddings.shape[1]), np.float64)
-    np.add.at(sums, assigned, unit_rows(embeddings))
+    np.add.at(sums, assigned, sample)
     raw = np.zeros_like(sums)
     np.add.at(raw, assigned, embeddings)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (raw / members[:, None]).astype(np.float32)
         unit = unit_rows(sums).astype(np.float32)  # 0/0 for an empty cluster: NaN, "no centre"
-    return Centres(unit, mean, members)
+    return Centres(unit, mean, members, sample, assigned)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:

@@ -13,7 +13,11 @@ across lists it does not probe can be missed. The pairs are grouped again by sha
 rewrites the shard's label file (staged under a new write id) only if its ``duplicate_of``
 changed, and the driver publishes each one through ``commit.commit_as_shards_finish``: a run
 killed mid-way leaves each shard's labels old or new, never lost, and a run again redoes the pass.
-A group is held whole by one task: a cluster's embeddings must fit in a worker's memory.
+A group is held whole by one task, so a cluster of more than MAX_GROUP_ROWS labels is cut into
+buckets first (``cluster_buckets``): spherical k-means over its rows in infer's bounded sample, one
+bucket per MAX_GROUP_ROWS, each row grouped with its cluster's nearest bucket centre. Near-duplicates
+are close enough to share a bucket but for rows right at a cut, which, as in the IVF search, can miss
+each other.
 """
 from __future__ import annotations
 
@@ -35,13 +39,53 @@ from rayclust.progress import Progress
 from rayclust.runtime import shuffle_partitions, task_shuffles
 
 DEFAULT_EPSILON = 0.05  # NeMo Curator's semantic dedup default
+MAX_GROUP_ROWS = 200_000  # rows one task holds for a range search: 200k x 512-d float32 is 400 MB
 DUPLICATE_OF = "duplicate_of"
 GROUP_COLUMNS = pa.schema([("key", pa.string()), ("shard", pa.string()), ("cluster", pa.int32()),
-                           ("distance", pa.float32()), ("embedding", pa.list_(pa.float32()))])
+                           ("bucket", pa.int32()), ("distance", pa.float32()), ("embedding", pa.list_(pa.float32()))])
 # one row per pair, plus one per shard (key null) carrying the shard's label file, so that every
 # shard is looked at: one whose duplicates are gone must lose them too
 PAIR_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("duplicate_of", pa.string()),
                          ("labels", pa.string())])
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The clusters cut for the pass: cluster -> its bucket centres [P, D] (unit rows)."""
+
+    centres: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        """Buckets beyond one per cluster."""
+        return sum(len(c) - 1 for c in self.centres.values())
+
+    def of(self, clusters: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        """Each row's bucket in its cluster (0 in a cluster that is not cut)."""
+        bucket = np.zeros(len(clusters), np.int32)
+        for k, centres in self.centres.items():
+            rows = clusters == k
+            if rows.any():
+                bucket[rows] = np.argmax(unit[rows] @ centres.T, axis=1)
+        return bucket
+
+
+def cluster_buckets(sizes: np.ndarray, sample: np.ndarray, assigned: np.ndarray,
+                    limit: int = MAX_GROUP_ROWS) -> Buckets:
+    """Bucket centres for each cluster of more than ``limit`` labels (``sizes``), from its rows in a
+    sample (unit rows ``sample``, their clusters ``assigned``): one bucket per ``limit`` labels."""
+    import faiss
+
+    centres = {}
+    for k in np.flatnonzero(sizes > limit):
+        members = np.ascontiguousarray(sample[assigned == k], np.float32)
+        parts = min(-(-int(sizes[k]) // limit), len(members))
+        if parts < 2:
+            continue
+        kmeans = faiss.Kmeans(members.shape[1], parts, niter=20, seed=0, spherical=True, min_points_per_centroid=1)
+        kmeans.train(members)
+        centres[int(k)] = kmeans.centroids.copy()
+    return Buckets(centres)
 
 
 @dataclass
@@ -76,7 +120,7 @@ def more_typical_duplicates(unit: np.ndarray, epsilon: float) -> np.ndarray:
 
 
 def duplicates_in_cluster(group: pa.Table, epsilon: float) -> pa.Table:
-    """Ray Data ``map_groups``: one cluster's rows become its pairs (``PAIR_SCHEMA``)."""
+    """Ray Data ``map_groups``: one cluster's rows (a bucket's, in a cut cluster) become its pairs (``PAIR_SCHEMA``)."""
     import faiss
 
     faiss.omp_set_num_threads(1)  # the task holds one CPU
@@ -89,17 +133,22 @@ def duplicates_in_cluster(group: pa.Table, epsilon: float) -> pa.Table:
                      pa.nulls(len(marked), pa.string())], schema=PAIR_SCHEMA)
 
 
-def labelled_embeddings(batch: pa.Table, lake: Lake) -> pa.Table:
+def labelled_embeddings(batch: pa.Table, lake: Lake, buckets: Buckets) -> pa.Table:
     """Ray Data stage: each (shard, labels, features) row becomes the shard's rows to group
     (``GROUP_COLUMNS``), the embedding taken by each label key's row in the feature file."""
     tables = []
     for shard, labels, features in zip(*(batch.column(c).to_pylist() for c in ("shard", "labels", "features"))):
         labelled = pq.read_table(labels, columns=["key", "cluster", "distance"], filesystem=lake.arrow_fs)
         embedded = pq.read_table(features, columns=["key", "embedding"], filesystem=lake.arrow_fs)
-        rows = pc.index_in(labelled.column("key"), value_set=embedded.column("key"))
+        embedding = embedded.column("embedding").take(pc.index_in(labelled.column("key"),
+                                                                  value_set=embedded.column("key")))
+        bucket = np.zeros(labelled.num_rows, np.int32)
+        if buckets.centres and labelled.num_rows:
+            unit = unit_rows(list_to_numpy(embedding, len(embedding[0]))).astype(np.float32)
+            bucket = buckets.of(labelled.column("cluster").to_numpy(), unit)
         tables.append(pa.table([labelled.column("key"), pa.array([shard] * labelled.num_rows, pa.string()),
-                                labelled.column("cluster"), labelled.column("distance"),
-                                embedded.column("embedding").take(rows)], schema=GROUP_COLUMNS))
+                                labelled.column("cluster"), pa.array(bucket, pa.int32()), labelled.column("distance"),
+                                embedding], schema=GROUP_COLUMNS))
     return pa.concat_tables(tables) if tables else GROUP_COLUMNS.empty_table()
 
 
@@ -120,17 +169,18 @@ def rewrite_labels(group: pa.Table, lake: Lake, write_id: str, columns: tuple[st
 
 
 def find_duplicates(lake: Lake, lock: LakeLock, label_files: dict[str, str], feature_files: dict[str, str],
-                    epsilon: float, columns: tuple[str, ...], clusters: int) -> DuplicatePass:
+                    epsilon: float, columns: tuple[str, ...], clusters: int,
+                    buckets: Buckets = Buckets()) -> DuplicatePass:
     """Fill ``duplicate_of`` in the label files (shard -> path; each shard's features in
     ``feature_files``) and publish the shards whose column changed; ``columns`` is the label
-    file's columns, ``duplicate_of`` among them; ``clusters``: the model's K. Epsilon 0 only
-    clears earlier duplicates."""
+    file's columns, ``duplicate_of`` among them; ``clusters``: the model's K, the large ones cut
+    into ``buckets``. Epsilon 0 only clears earlier duplicates."""
     with task_shuffles():
-        return duplicate_pass(lake, lock, label_files, feature_files, epsilon, columns, clusters)
+        return duplicate_pass(lake, lock, label_files, feature_files, epsilon, columns, clusters, buckets)
 
 
 def duplicate_pass(lake: Lake, lock: LakeLock, label_files: dict[str, str], feature_files: dict[str, str],
-                   epsilon: float, columns: tuple[str, ...], clusters: int) -> DuplicatePass:
+                   epsilon: float, columns: tuple[str, ...], clusters: int, buckets: Buckets) -> DuplicatePass:
     started, write_id = time.time(), new_write_id()
     shards = sorted(set(label_files) & set(feature_files))
     files = pa.table({"shard": shards, "labels": [label_files[s] for s in shards],
@@ -141,8 +191,8 @@ def duplicate_pass(lake: Lake, lock: LakeLock, label_files: dict[str, str], feat
     pairs = every_shard
     if epsilon > 0:
         rows = ray.data.from_arrow(files).map_batches(labelled_embeddings, batch_size=1, batch_format="pyarrow",
-                                                     fn_kwargs={"lake": lake}, num_cpus=0.25)
-        by_cluster = rows.groupby("cluster", num_partitions=shuffle_partitions(clusters))
+                                                     fn_kwargs={"lake": lake, "buckets": buckets}, num_cpus=0.25)
+        by_cluster = rows.groupby(["cluster", "bucket"], num_partitions=shuffle_partitions(clusters + buckets.groups))
         pairs = every_shard.union(by_cluster.map_groups(duplicates_in_cluster, batch_format="pyarrow",
                                                         fn_kwargs={"epsilon": epsilon}))
     by_shard = pairs.groupby("shard", num_partitions=shuffle_partitions(len(shards)))

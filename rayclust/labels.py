@@ -26,9 +26,10 @@ import ray
 import torch
 from ray.data.datasource import FileBasedDatasource
 
-from rayclust.clusters import (ClusterDescription, centre_distances, clusters_file, describe_clusters,
-                               health_of_clusters, sample_centres)
-from rayclust.duplicates import DEFAULT_EPSILON, DUPLICATE_OF, DuplicatePass, find_duplicates
+from rayclust.clusters import (Centres, ClusterDescription, centre_distances, clusters_file, describe_clusters,
+                               health_of_clusters, label_counts, sample_centres)
+from rayclust.duplicates import (DEFAULT_EPSILON, DUPLICATE_OF, Buckets, DuplicatePass, cluster_buckets,
+                                 find_duplicates)
 from rayclust.commit import (CommitSummary, Output, commit_as_shards_finish, fingerprint_of, published_path,
                              write_pieces)
 from rayclust.errors import UserError
@@ -179,7 +180,7 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
         summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo, centres.unit)
         print(summary, flush=True)
         duplicates = find_duplicates(lake, lock, label_files, features, duplicate_epsilon, LABEL_COLUMNS,
-                                     latest["clusters"])
+                                     latest["clusters"], duplicate_buckets(lake, label_files, centres, latest["clusters"]))
         label_files = duplicates.label_files
         described = describe_clusters(lake, latest, encoder, centres, list(label_files.values()), words)
     print(duplicates_line(duplicates, described), clusters_line(lake, latest, described),
@@ -189,6 +190,15 @@ def infer(lake_uri: str, batch_size: int = 1024, evaluate: bool = True, redo: bo
     if report:
         print(report, flush=True)
     return summary
+
+
+def duplicate_buckets(lake: Lake, label_files: dict[str, str], centres: Centres, clusters: int) -> Buckets:
+    """The clusters too large for one task of the near-duplicate pass, cut into buckets; a table the
+    sample holds whole has none, and is not counted again."""
+    if centres.whole_table:
+        return Buckets()
+    sizes = label_counts(lake, list(label_files.values()), clusters).sizes
+    return cluster_buckets(sizes, centres.sample, centres.assigned)
 
 
 def feature_encoder(lake: Lake, features: dict[str, str]) -> str:
