@@ -8,6 +8,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import write_digits_feature_lake
 from rayclust.clusters import unit_rows
@@ -60,7 +61,7 @@ def test_only_clusters_over_the_limit_are_cut_one_bucket_per_limit():
 
 
 def digits_label_files(lake, data, clusters: np.ndarray) -> dict[str, str]:
-    """A label file per shard of the digits feature lake, as infer writes them (digit = cluster)."""
+    """A label file per shard of the digits feature lake, as infer writes them, with the given clusters."""
     files = {}
     for shard, path in lake.newest_files(FEATURES).items():
         keys = pq.read_table(path, columns=["key"], filesystem=lake.arrow_fs).column("key").to_pylist()
@@ -78,6 +79,7 @@ def digits_label_files(lake, data, clusters: np.ndarray) -> dict[str, str]:
     return files
 
 
+@pytest.mark.slow  # a Ray of its own, and the pass's three Ray Data stages
 def test_a_cut_cluster_finds_the_pairs_each_bucket_holds(ray_session, digits_features, tmp_path):
     """The digits as one cluster of 1,797 rows, cut into 4 buckets of at most 500: every row is
     grouped with its bucket, and within each the pass finds what numpy finds; the exact copies (the
