@@ -60,13 +60,14 @@ class Buckets:
         """Buckets beyond one per cluster."""
         return sum(len(c) - 1 for c in self.centres.values())
 
-    def of(self, clusters: np.ndarray, unit: np.ndarray) -> np.ndarray:
-        """Each row's bucket in its cluster (0 in a cluster that is not cut)."""
+    def of(self, clusters: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+        """Each row's bucket in its cluster (0 in a cluster that is not cut): the centre of highest
+        cosine similarity, i.e. of highest inner product, whatever the row's length."""
         bucket = np.zeros(len(clusters), np.int32)
         for k, centres in self.centres.items():
             rows = clusters == k
             if rows.any():
-                bucket[rows] = np.argmax(unit[rows] @ centres.T, axis=1)
+                bucket[rows] = np.argmax(embeddings[rows] @ centres.T, axis=1)
         return bucket
 
 
@@ -144,8 +145,7 @@ def labelled_embeddings(batch: pa.Table, lake: Lake, buckets: Buckets) -> pa.Tab
                                                                   value_set=embedded.column("key")))
         bucket = np.zeros(labelled.num_rows, np.int32)
         if buckets.centres and labelled.num_rows:
-            unit = unit_rows(list_to_numpy(embedding, len(embedding[0]))).astype(np.float32)
-            bucket = buckets.of(labelled.column("cluster").to_numpy(), unit)
+            bucket = buckets.of(labelled.column("cluster").to_numpy(), list_to_numpy(embedding, len(embedding[0])))
         tables.append(pa.table([labelled.column("key"), pa.array([shard] * labelled.num_rows, pa.string()),
                                 labelled.column("cluster"), pa.array(bucket, pa.int32()), labelled.column("distance"),
                                 embedding], schema=GROUP_COLUMNS))
@@ -169,8 +169,7 @@ def rewrite_labels(group: pa.Table, lake: Lake, write_id: str, columns: tuple[st
 
 
 def find_duplicates(lake: Lake, lock: LakeLock, label_files: dict[str, str], feature_files: dict[str, str],
-                    epsilon: float, columns: tuple[str, ...], clusters: int,
-                    buckets: Buckets = Buckets()) -> DuplicatePass:
+                    epsilon: float, columns: tuple[str, ...], clusters: int, buckets: Buckets) -> DuplicatePass:
     """Fill ``duplicate_of`` in the label files (shard -> path; each shard's features in
     ``feature_files``) and publish the shards whose column changed; ``columns`` is the label
     file's columns, ``duplicate_of`` among them; ``clusters``: the model's K, the large ones cut

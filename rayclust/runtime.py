@@ -161,8 +161,7 @@ def cluster_cpus() -> float:
 def task_shuffles() -> Iterator[None]:
     """Ray Data groupbys started inside shuffle with tasks (pull-based sort: map and reduce tasks on
     the workers Ray keeps) instead of the hash shuffle's aggregator actors, each a process to
-    start. On the demo's lake: the near-duplicate pass 13.5-18.5 s -> 5.6-6.0 s, cluster counts
-    5 -> 3 s."""
+    start. On the demo's lake: the near-duplicate pass 13.5-18.5 s -> 5.6-6.0 s."""
     from ray.data.context import ShuffleStrategy
 
     context = DataContext.get_current()
