@@ -1,10 +1,12 @@
-"""The pyramid model's clustering quality on images: ``jobs/train.py --model pyramid``, then ``jobs/infer.py``.
+"""The pyramid models' clustering quality on images: ``jobs/train.py --model pyramid`` (or a
+pretrained pyramid, ``--model pyramid-effnet-lite0``), then ``jobs/infer.py``.
 
 Both jobs run as they would for a user (subprocesses, each with its own local Ray); ACC/NMI/ARI
 are the infer job's, against the shards' ``.cls`` labels. ``benchmarks/quality.py`` calls
 ``pyramid_quality``; run this file alone for the figure in docs/models.md:
 
     python benchmarks/_pyramid.py --shards 10 --epochs 8
+    python benchmarks/_pyramid.py --model pyramid-effnet-lite0 --shards 10 --seed 0
 """
 from __future__ import annotations
 
@@ -21,17 +23,19 @@ from _common import PYTHON, cifar_pattern, epoch_lines, header, run_monitored, t
 QUALITY_LINE = re.compile(r"rayclust labels\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)")
 
 
-def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int, seed: int = 0, batch_size: int = 128,
-                    clusters: int = 10, echo: bool = False) -> dict:
-    """Train the default pyramid config on the shards' images, label them, and return
+def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int | None, seed: int = 0,
+                    batch_size: int | None = 128, clusters: int = 10, echo: bool = False,
+                    model: str = "pyramid") -> dict:
+    """Train a pyramid config on the shards' images (its own epochs and batch size where None),
+    label them, and return
     acc, nmi, ari (infer job), seconds (train job wall time, Ray start-up included),
     infer_seconds, cpu_seconds (CPU time of the train job's process tree: the budget, which other
     load on a shared machine barely changes), other_cores (mean CPU use of other processes during
     training: contamination), and the per-epoch losses and samples/s the train job printed."""
+    recipe = [*(["--epochs", str(epochs)] if epochs else []), *(["--batch-size", str(batch_size)] if batch_size else [])]
     trained = run_monitored(
-        [PYTHON, "jobs/train.py", "--model", "pyramid", "--shards", shards_pattern, "--lake", lake_dir,
-         "--clusters", str(clusters), "--epochs", str(epochs), "--batch-size", str(batch_size),
-         "--seed", str(seed), "--run", f"pyramid-seed{seed}"],
+        [PYTHON, "jobs/train.py", "--model", model, "--shards", shards_pattern, "--lake", lake_dir,
+         "--clusters", str(clusters), *recipe, "--seed", str(seed), "--run", f"{model}-seed{seed}"],
         interval=1.0, echo=echo,
     )
     inferred = run_monitored([PYTHON, "jobs/infer.py", "--lake", lake_dir], interval=1.0, echo=echo)
@@ -49,17 +53,18 @@ def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int, seed: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=10, help="first N CIFAR-10 test shards (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per step (default: %(default)s)")
+    parser.add_argument("--model", default="pyramid", help="pyramid config (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per step (default: the config's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lake", default=None, help="keep the lake here (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="echo the jobs' output")
     args = parser.parse_args()
-    header("Pyramid model (PCLC) on CIFAR-10 test images, 32 px, trained from scratch")
+    header(f"Pyramid model (PCLC, config {args.model}) on CIFAR-10 test images")
     with tempfile.TemporaryDirectory(prefix="rayclust-pyramid-") as workdir:
         result = pyramid_quality(cifar_pattern(args.shards), args.lake or workdir, args.epochs, args.seed,
-                                 args.batch_size, echo=args.echo)
-    print(f"epochs {args.epochs}, batch size {args.batch_size}, seed {args.seed}; "
+                                 args.batch_size, echo=args.echo, model=args.model)
+    print(f"epochs {args.epochs or 'as configured'}, batch size {args.batch_size or 'as configured'}, seed {args.seed}; "
           f"loss per epoch {' '.join(f'{v:.3f}' for v in result['losses'])}; "
           f"samples/s per epoch {' '.join(f'{v:.0f}' for v in result['samples_per_second'])}\n")
     print(table([{k: result[k] for k in ("acc", "nmi", "ari", "seconds", "cpu_seconds", "infer_seconds",

@@ -21,7 +21,7 @@ from rayclust.commit import Output, ShardResult, fingerprint_of, published_path
 from rayclust.drift import Drift, baseline, label_stats
 from rayclust.errors import UserError
 from rayclust.features import embed_shards, labels_fingerprint, shard_fingerprints, source_fingerprint
-from rayclust.labels import LABEL_COLUMNS, labeler_stage
+from rayclust.labels import FEATURE_BATCH_ROWS, LABEL_COLUMNS, labeler_stage
 from rayclust.lake import ERRORS, FEATURES, LABELS, Lake, new_write_id, read_sample
 from rayclust.lock import DEFAULT_TTL_S, LakeLock
 from rayclust.manifest import (SourceShard, compact_manifest, list_source, manifest_entry, plan_refresh,
@@ -39,7 +39,7 @@ class RefreshSettings:
     shards: str
     lake: str
     batch_size: int = 256
-    infer_batch_size: int = 1024
+    infer_batch_size: int = FEATURE_BATCH_ROWS
     max_shards: int | None = None
     max_confidence_drop: float = 0.1
     max_cluster_shift: float = 0.25

@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -130,6 +131,16 @@ def quiet_placement_group_cleaner() -> None:
     one (a second job) it gives up with a traceback, so each worker names its own cluster."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    quiet_ray_data_workers()
+
+
+def quiet_ray_data_workers() -> None:
+    """In each worker of a local Ray, for an image model's training (Ray Train streams its views):
+    Ray Train's dataset manager sets an execution option that Ray Data itself deprecates (a
+    warning about Ray's code, not the user's), and the split coordinator says once that progress
+    bars are off, which the job turned off on purpose (``quiet_ray_data``)."""
+    warnings.filterwarnings("ignore", message=".*exclude_resources.* is deprecated", category=DeprecationWarning)
+    log_once("ray_data_progress_manager_disabled")
 
 
 def quiet_token_auth_notice() -> None:

@@ -36,7 +36,8 @@ from rayclust.errors import UserError
 from rayclust.health import ClusterHealth, health_of
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
-from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
+from rayclust.models import (build_model, is_image_model, load_tensors, model_config, parameter_groups,
+                             pretrained_state)
 from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
 from rayclust.models.heads import REFILL_ROWS, ClusterHeads, CoAssignments
 from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_rows
@@ -352,11 +353,14 @@ def train_loop(config: dict) -> None:
     saved = load_training_state(ray.train.get_checkpoint())
     if saved:
         model.load_state_dict(saved["model"])
+    elif rank == 0 and config["init_weights"] is None:
+        warm_start(model, config)  # before prepare_model: DDP hands rank 0's weights to the others
     # the self-labelling step uses the cluster head alone; DDP must not wait for the instance head's gradients
     unused = {"find_unused_parameters": config["self_label_epochs"] > 0}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=unused)
     hyper = config["model_config"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=hyper["lr"], weight_decay=hyper["weight_decay"])
+    optimizer = torch.optim.Adam(parameter_groups(unwrap(model), hyper), lr=hyper["lr"],
+                                 weight_decay=hyper["weight_decay"])
     start_epoch = 0
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
@@ -390,6 +394,24 @@ def train_loop(config: dict) -> None:
         if epoch == epochs - 1 and rank == 0 and refillable(model, config):
             metrics["refilled_clusters"] = refill_empty_clusters(model, batches(epoch), config["seed"])
         report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, consensus)
+
+
+def warm_start(model, config: dict) -> None:
+    """A pretrained pyramid's cluster heads from k-means on a sample of the shards' images, when its
+    config asks for it (``warm_start_images``)."""
+    count = config["model_config"].get("warm_start_images", 0)
+    if not count or not hasattr(model, "warm_start"):
+        return
+    from rayclust.views import sample_of_images
+
+    started = time.monotonic()
+    images = sample_of_images(expand_shards(config["shards"]), count, config["model_config"]["image_size"])
+    if len(images) < 2 * config["clusters"]:  # the job checked image members, not that they decode
+        print(f"cluster heads start at random: {len(images)} decodable images in the sample", flush=True)
+        return
+    model.warm_start(images, config["seed"])
+    print(f"cluster heads warm-started from k-means of the pretrained stages on {len(images):,} images "
+          f"in {duration(time.monotonic() - started)}", flush=True)
 
 
 def co_assignment_counter(model, clusters: int) -> CoAssignments | None:

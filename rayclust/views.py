@@ -87,6 +87,31 @@ def training_views(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
     }
 
 
+def sample_of_images(uris: list[str], count: int, image_size: int, spread: int = 20) -> torch.Tensor:
+    """Clean views [n <= count, 3, S, S] of the first decodable images of up to ``spread`` shards
+    taken evenly across the list (a class-ordered corpus still shows its classes), the same number
+    from each: a bounded read whatever the corpus."""
+    from rayclust.lake import filesystem_for
+    from rayclust.shards import samples_of_tar
+
+    chosen = uris[::max(1, len(uris) // spread)][:spread]
+    per_shard, clean = -(-count // len(chosen)), _transforms(image_size)[2]
+    views = []
+    for uri in chosen:
+        fs, path = filesystem_for(uri)
+        taken = 0
+        with fs.open(path, "rb") as stream:
+            for row in samples_of_tar(stream, path):
+                if taken == per_shard or len(views) == count:
+                    break
+                try:
+                    views.append(clean(decode_image(row["image"])))
+                    taken += 1
+                except (KeyError, BadSample):  # no image member, or one that does not decode
+                    continue
+    return torch.stack(views) if views else torch.zeros(0, 3, image_size, image_size)
+
+
 def clean_images(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
     """CPU stage of inference: every sample's clean view, or its row's error ("" = good)."""
     _, _, clean = _transforms(image_size)

@@ -208,3 +208,114 @@ def test_train_then_infer_labels_every_good_image(ray_session, tmp_path, drawn_s
     assert errors[0]["reason"].startswith(("not an image", "undecodable image"))
     report = evaluate_image_labels(lake, expand_shards(description["shards"]))
     assert report.samples == 301 and 0 <= report.rows["rayclust labels"]["acc"] <= 1
+
+
+def pretrained_model(**overrides) -> torch.nn.Module:
+    return build_model(model_config("pyramid-effnet-lite0", **overrides), 0, CLUSTERS)
+
+
+def test_pretrained_stages_feed_twin_heads_and_end_in_the_embed_jobs_feature():
+    from rayclust.encoders import load_encoder
+    from rayclust.views import MEAN, STD
+
+    model = pretrained_model(image_size=64).eval()
+    pixels = torch.rand(2, 3, 64, 64)
+    as_map = lambda values: torch.tensor(values).view(1, 3, 1, 1)  # noqa: E731
+    with torch.no_grad():
+        maps = model.pyramid((pixels - as_map(MEAN)) / as_map(STD))  # what rayclust.views makes
+        embedded = load_encoder("effnet-lite0:64").forward((pixels - 0.5) / 0.5)  # the embed job's input
+    assert [tuple(m.shape) for m in maps] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4), (2, 1280, 2, 2)]
+    assert torch.allclose(maps[-1].mean((2, 3)), embedded, atol=1e-4)
+    with torch.no_grad():
+        heads = model(maps[0].new_zeros(2, 3, 64, 64), maps[0].new_ones(2, 3, 64, 64))
+    assert [tuple(t.shape) for t in heads[-1]] == [(2, 128), (2, 128), (2, CLUSTERS), (2, CLUSTERS)]
+
+
+def test_frozen_stages_keep_weights_and_statistics_and_the_backbone_learns_slower():
+    from rayclust.models import parameter_groups
+
+    torch.manual_seed(0)
+    config = model_config("pyramid-effnet-lite0", image_size=64)
+    model = build_model(config, 0, CLUSTERS).train()
+    frozen_bn, trained_bn = model.backbone.stem[1], model.backbone.stages[2][0]._bn0
+    assert not frozen_bn.training and trained_bn.training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = parameter_groups(model, config)
+    assert [g.get("lr") for g in groups] == [config["backbone_lr"], None]
+    optimizer = torch.optim.Adam(groups, lr=config["lr"])
+    loss, _ = contrastive_clustering_loss(model(torch.randn(16, 3, 64, 64), torch.randn(16, 3, 64, 64)))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    frozen = [k for k in after if k.startswith(("backbone.stem.", "backbone.stages.0.", "backbone.stages.1."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running statistics included
+    assert not torch.equal(before["backbone.stages.3.0._expand_conv.weight"],
+                           after["backbone.stages.3.0._expand_conv.weight"])
+    assert not torch.equal(before["backbone.head.1.running_mean"], after["backbone.head.1.running_mean"])
+    with pytest.raises(UserError, match="frozen_stages is 0 to 3"):
+        pretrained_model(frozen_stages=4)
+
+
+def test_a_timm_backbone_takes_its_own_checkpoint_through_init(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    model = pretrained_model(backbone="timm:fastvit_t8", image_size=64, frozen_stages=1).eval()
+    with torch.no_grad():
+        maps = model.pyramid(torch.randn(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 48, 16, 16), (1, 96, 8, 8), (1, 192, 4, 4), (1, 384, 2, 2)]
+    assert not any(p.requires_grad for p in model.backbone.body.model.stages[0].parameters())
+    assert all(p.requires_grad for p in model.backbone.body.model.stages[1].parameters())
+
+    pretrained = timm.create_model("fastvit_t8", pretrained=False)  # what a downloaded timm checkpoint holds
+    save_file(pretrained.state_dict(), str(tmp_path / "fastvit_t8.safetensors"))
+    matched = pretrained_state(str(tmp_path / "fastvit_t8.safetensors"), model)
+    backbone_keys = [k for k in model.state_dict() if k.startswith("backbone.")]
+    assert sorted(matched) == sorted(backbone_keys)
+    model.load_state_dict(matched, strict=False)
+    assert torch.equal(model.backbone.body.model.stem[0].conv_kxk[0].conv.weight,
+                       pretrained.stem[0].conv_kxk[0].conv.weight)
+    assert "checkpoint's unused" in capsys.readouterr().out  # its classifier head
+    with pytest.raises(UserError, match="unknown timm model"):
+        pretrained_model(backbone="timm:no_such_net")
+    with pytest.raises(UserError, match="unknown backbone"):
+        pretrained_model(backbone="resnet-from-nowhere")
+
+
+def test_a_sample_of_images_spreads_over_the_shards_and_skips_bad_images(tmp_path, drawn_shards):
+    from rayclust.views import sample_of_images
+
+    write_tar(tmp_path / "bad-000000.tar", {"broken": {"jpg": b"\xff\xd8\xff broken"}, "no-image": {"cls": b"1"},
+                                            "good": {"jpg": jpeg(40, 30, 0)}})
+    uris = [str(drawn_shards / f"drawn-{i:06d}.tar") for i in range(4)]
+    assert tuple(sample_of_images(uris, 8, 32, spread=2).shape) == (8, 3, 32, 32)  # 4 from shard 0, 4 from 2
+    assert len(sample_of_images([str(tmp_path / "bad-000000.tar")], 5, 32)) == 1
+    assert len(sample_of_images(uris, 1_000, 32)) == 400  # all there are
+
+
+def test_warm_start_fits_each_cluster_head_to_kmeans_of_its_stage(drawn_shards):
+    from rayclust.views import sample_of_images
+
+    torch.manual_seed(0)
+    model = pretrained_model(image_size=64)
+    images = sample_of_images([str(drawn_shards / f"drawn-{i:06d}.tar") for i in range(2)], 200, 64)
+    kmeans = model.warm_start(images, seed=0)
+    assert model.training and not model.backbone.stem[1].training  # modes as they were
+    assert len(kmeans) == 4 and all(len(np.unique(labels)) == CLUSTERS for labels in kmeans)
+    predicted = model.eval().predict(images).argmax(1).numpy()
+    assert (predicted == kmeans[-1].numpy()).mean() >= 0.9  # the head learnt its stage's k-means labels
+
+
+@pytest.mark.slow
+def test_pretrained_pyramid_trains_and_labels_better_than_chance(ray_session, tmp_path, drawn_shards):
+    """The EfficientNet-Lite0 pyramid at 64 px, 2 epochs on 400 drawn images, then the infer job."""
+    lake = Lake.open(str(tmp_path / "lake"))
+    pattern = str(drawn_shards / "drawn-*.tar")
+    latest = train(TrainSettings(lake.uri, "pyramid-effnet-lite0", clusters=CLUSTERS, epochs=2, batch_size=50,
+                                 run="effnet", shards=pattern, overrides={"image_size": 64}))
+    assert latest["model_version"] == "effnet/epoch-2"
+    summary = infer(lake.uri)
+    assert summary.rows == 400
+    report = evaluate_image_labels(lake, expand_shards(pattern))
+    # a random labelling of 400 images into 10 clusters scores ACC ~0.13 (Hungarian matching)
+    assert report.rows["rayclust labels"]["acc"] >= 0.3, report.rows

@@ -12,7 +12,9 @@ from rayclust.cli import JobArgumentParser, at_least, fraction
 def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--batch-size", type=at_least(1), default=1024, help="rows per inference batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=None,
+                        help="rows per inference batch (default: 1024 feature rows; for an image model, the "
+                             "images per step it trained with)")
     parser.add_argument("--redo", action="store_true",
                         help="label every shard again, even those this model already labelled from the same "
                              "features (by default a run again does only what is missing)")

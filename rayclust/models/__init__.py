@@ -17,9 +17,11 @@ from rayclust.errors import UserError
 
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
 MODEL_CLASSES = {"ccmlp": "rayclust.models.ccmlp:CCMLP", "mfavb": "rayclust.models.mfavb:MFAVB",
-                 "pyramid": "rayclust.models.pyramid:Pyramid"}
+                 "pyramid": "rayclust.models.pyramid:Pyramid",
+                 "pretrained-pyramid": "rayclust.models.pyramid:PretrainedPyramid"}
 TRAINING_KEYS = (  # the recipe, not the network
-    "lr", "weight_decay", "neighbours", "epochs", "batch_size", "self_label_epochs", "self_label_threshold",
+    "lr", "backbone_lr", "weight_decay", "neighbours", "epochs", "batch_size", "self_label_epochs",
+    "self_label_threshold", "warm_start_images",
 )
 
 
@@ -51,6 +53,17 @@ def build_model(config: dict, feature_dim: int, clusters: int) -> torch.nn.Modul
     return builder(feature_dim=feature_dim, clusters=clusters, **_hyper(config))
 
 
+def parameter_groups(model: torch.nn.Module, config: dict) -> list[dict]:
+    """The optimizer's parameter groups: a pretrained backbone's trainable weights at the config's
+    ``backbone_lr`` (when both exist), every other trainable weight at its ``lr``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if "backbone_lr" not in config or not hasattr(model, "backbone_parameters"):
+        return [{"params": trainable}]
+    backbone = {id(p) for p in model.backbone_parameters()}
+    return [{"params": [p for p in trainable if id(p) in backbone], "lr": config["backbone_lr"]},
+            {"params": [p for p in trainable if id(p) not in backbone]}]
+
+
 def _hyper(config: dict) -> dict:
     """The config minus the keys that are not the model's constructor arguments."""
     return {k: v for k, v in config.items() if k not in ("model", "input", *TRAINING_KEYS)}
@@ -64,6 +77,8 @@ def pretrained_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tenso
 
     Reads ``.safetensors``, or a PyTorch file with tensors only (``weights_only``): a bare state
     dict or one under "model"/"state_dict" (timm, rayclust), with DDP's "module." prefix removed.
+    A checkpoint of a pretrained pyramid's backbone alone matches under the model's
+    ``checkpoint_prefix``.
     """
     import torch
 
@@ -85,6 +100,9 @@ def pretrained_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tenso
         raise UserError(f"--init {path}: not a state dict")
     own = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    prefix = getattr(model, "checkpoint_prefix", "")
+    if prefix and not any(k in own for k in state):  # the backbone's own checkpoint (timm's), not a rayclust one
+        state = {prefix + k: v for k, v in state.items()}
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not any(v.dim() for v in matched.values()):  # BN's scalar counters alone match any BN model
         raise UserError(f"--init {path}: none of its {len(state)} tensors matches the model's names and shapes")

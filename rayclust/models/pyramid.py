@@ -3,9 +3,10 @@
 Pyramid contrastive learning for clustering (Zhou, Huang & Wang, Neural Networks 2025) on a
 mixed CNN-Transformer after CMT (Guo et al., CVPR 2022): a conv stem, then four stages, each
 downsampling and stacking CMT blocks (local perception unit, attention over spatially reduced
-keys and values, inverted-residual conv FFN). Every stage's pooled map gets an instance head
-and a cluster head; the loss averages over the four stages. Trains on images, not features.
-See docs/models.md for each choice.
+keys and values, inverted-residual conv FFN), or on the four stages of a pretrained backbone
+(``PretrainedPyramid``, ``rayclust.models.backbones``). Every stage's pooled map gets an
+instance head and a cluster head; the loss averages over the four stages. Trains on images, not
+features. See docs/models.md for each choice.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from rayclust.errors import UserError
 
 STAGES = 4
+WARM_START_STEPS = 200  # cross-entropy steps fitting a cluster head to k-means (seconds on a CPU)
 
 
 class LocalPerceptionUnit(nn.Module):
@@ -112,14 +114,41 @@ class TwinHeads(nn.Module):
         return self.instance(pooled), self.cluster(pooled)
 
 
-class Pyramid(nn.Module):
+class TwinHeadPyramid(nn.Module):
+    """PCLC's twin heads on the four maps of ``pyramid(images)``, which a subclass defines.
+    ``predict_stages`` "last" predicts with the last stage's cluster head, "all" with the mean
+    of all four."""
+
+    heads: nn.ModuleList
+    predict_stages: str
+
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
+        """Two augmented views [B, 3, S, S] -> [(z_a, z_b, c_a, c_b)] per stage, first to last."""
+        maps_a, maps_b = self.pyramid(view_a), self.pyramid(view_b)
+        outputs = []
+        for heads, map_a, map_b in zip(self.heads, maps_a, maps_b):
+            (z_a, c_a), (z_b, c_b) = heads(map_a), heads(map_b)
+            outputs.append((z_a, z_b, c_a, c_b))
+        return outputs
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Cluster probabilities [B, K] of clean images: the last stage's cluster head, or the stages' mean."""
+        maps = self.pyramid(images)
+        if self.predict_stages == "last":
+            return self.heads[-1](maps[-1])[1]
+        return torch.stack([heads(m)[1] for heads, m in zip(self.heads, maps)]).mean(0)
+
+
+class Pyramid(TwinHeadPyramid):
     """CMT-style backbone with PCLC's twin heads at each of its four stages.
 
     ``depths``/``widths``/``heads``/``kv_reduction`` are per stage; CMT-Ti is 2-2-10-2,
     46-92-184-368, 1-2-4-8, 8-4-2-1 (``model_configs/pyramid-cmt-ti.json``). The map sizes are
     image_size / stem_stride / 2, /4, /8, /16; each stage's map must be at least its reduction.
-    ``predict_stages`` "last" predicts with the last stage's cluster head, "all" with the mean
-    of all four.
     """
 
     def __init__(self, clusters: int, image_size: int = 32, depths: tuple = (1, 1, 3, 1),
@@ -152,22 +181,80 @@ class Pyramid(nn.Module):
             maps.append(x)
         return maps
 
-    def forward(self, view_a: torch.Tensor, view_b: torch.Tensor):
-        """Two augmented views [B, 3, S, S] -> [(z_a, z_b, c_a, c_b)] per stage, first to last."""
-        maps_a, maps_b = self.pyramid(view_a), self.pyramid(view_b)
-        outputs = []
-        for heads, map_a, map_b in zip(self.heads, maps_a, maps_b):
-            (z_a, c_a), (z_b, c_b) = heads(map_a), heads(map_b)
-            outputs.append((z_a, z_b, c_a, c_b))
-        return outputs
+
+class PretrainedPyramid(TwinHeadPyramid):
+    """PCLC's twin heads on the four stages of a pretrained backbone, fine-tuned end to end from its
+    ``frozen_stages``-th stage on: the stem and the first ``frozen_stages`` stages keep their
+    pretrained weights and BatchNorm statistics (the early, high-resolution layers cost most of a
+    CPU step and change least in fine-tuning). ``backbone`` is a ``rayclust.models.backbones`` spec;
+    ``image_size`` is the side the views and infer resize to (the network takes any)."""
+
+    def __init__(self, clusters: int, backbone: str = "effnet-lite0", image_size: int = 128,
+                 frozen_stages: int = 0, instance_dim: int = 128, predict_stages: str = "last"):
+        super().__init__()
+        from rayclust.models.backbones import pretrained_stages
+
+        if not 0 <= frozen_stages < STAGES:
+            raise UserError(f"pyramid config: frozen_stages is 0 to {STAGES - 1}, got {frozen_stages}")
+        if predict_stages not in ("last", "all"):
+            raise UserError(f"pyramid config: predict_stages is 'last' or 'all', got {predict_stages!r}")
+        self.clusters, self.predict_stages = clusters, predict_stages
+        self.backbone = pretrained_stages(backbone)
+        # where a bare backbone checkpoint's names sit in this model (``--init``; models/__init__.py)
+        self.checkpoint_prefix = "backbone." + getattr(self.backbone, "checkpoint_prefix", "")
+        self.frozen = self.backbone.first_stages(frozen_stages)  # a plain list: their weights stay the backbone's
+        for module in self.frozen:
+            module.requires_grad_(False)
+        self.heads = nn.ModuleList(TwinHeads(w, instance_dim, clusters) for w in self.backbone.widths)
+        self.train()  # puts the frozen stages in eval mode from the start
+
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's four stage maps, finest first."""
+        return self.backbone(images)
+
+    def train(self, mode: bool = True) -> PretrainedPyramid:
+        super().train(mode)
+        for module in self.frozen:  # frozen stages keep the BatchNorm statistics they were trained with
+            module.eval()
+        return self
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Cluster probabilities [B, K] of clean images: the last stage's cluster head, or the stages' mean."""
-        maps = self.pyramid(images)
-        if self.predict_stages == "last":
-            return self.heads[-1](maps[-1])[1]
-        return torch.stack([heads(m)[1] for heads, m in zip(self.heads, maps)]).mean(0)
+    def stage_features(self, images: torch.Tensor, batch_size: int = 64) -> list[torch.Tensor]:
+        """Each stage's pooled map [N, width] of clean images, in eval mode and in batches."""
+        mode, pooled = self.training, []
+        self.eval()
+        for start in range(0, len(images), batch_size):
+            pooled.append([m.mean((2, 3)) for m in self.pyramid(images[start:start + batch_size])])
+        self.train(mode)
+        return [torch.cat(stage) for stage in zip(*pooled)]
+
+    def warm_start(self, images: torch.Tensor, seed: int, steps: int = WARM_START_STEPS) -> list[torch.Tensor]:
+        """Start every stage's cluster head from k-means of that stage's pretrained features on a
+        sample of clean images (DEC's initialisation), instead of from random weights: the head
+        learns the k-means partition (cross-entropy, ``steps`` Adam steps on the pooled features),
+        then contrastive training refines it. A random head needs more epochs than a CPU budget
+        gives to catch up with what the pretrained features already separate (docs/models.md).
+        Returns each stage's k-means labels of the images."""
+        from sklearn.cluster import KMeans
+
+        generator, targets = torch.Generator().manual_seed(seed), []
+        for heads, features in zip(self.heads, self.stage_features(images)):
+            unit = F.normalize(features, dim=1)
+            target = torch.from_numpy(KMeans(self.clusters, n_init=3, random_state=seed).fit_predict(unit.numpy())).long()
+            targets.append(target)
+            projector = heads.cluster[0]
+            optimizer = torch.optim.Adam(projector.parameters(), lr=1e-3)
+            for _ in range(steps):
+                rows = torch.randint(len(features), (min(256, len(features)),), generator=generator)
+                loss = F.cross_entropy(projector(features[rows]), target[rows])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return targets
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone's trainable weights (the optimizer may give them a smaller learning rate)."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
 
 
 def check_shape(image_size: int, depths, widths, heads, kv_reduction, stem_stride: int, predict_stages: str) -> None:
