@@ -4,9 +4,11 @@ TEMI (Adaloglou et al., BMVC 2023) trains many MLP heads on frozen features with
 mutual-information loss between a row and one of its nearest rows: the student's probabilities
 of one against an EMA teacher's of the other, raised to beta and divided by the teacher's
 running cluster marginal, each pair weighted by how much the teacher heads agree on it; the
-head with the lowest loss labels. Written here from the paper's description: heads
-Linear-GELU-Linear into a 256-d bottleneck, L2-normalised, then a weight-normalised linear
-layer into K; inputs standardised over the table. Data: the Gaussian mixture of
+head with the lowest loss labels. The heads (Linear-GELU-Linear into a 256-d bottleneck,
+L2-normalised, then a weight-normalised linear layer into K) and the loss are the library's
+(``rayclust.models.temi``, ``rayclust.losses.pmi_loss``: first written here, then built as
+``--model temi``); this loop differs from the model's training in its per-step teacher momentum,
+AdamW, and inputs standardised over the whole table. Data: the Gaussian mixture of
 ``train_scale.py`` (K known) or a features file such as ``../shared/data/cifar10-test-effnetlite0.npz``
 (clean + views + labels). Neighbours: exact, cosine. Prints the chosen head's empty clusters,
 mean confidence, ACC/NMI and every head's ACC.
@@ -29,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+
+from rayclust.losses import PMISettings, pmi_loss  # noqa: E402
+from rayclust.models.temi import PMIHeads  # noqa: E402
 
 from large_k import exact_neighbours  # noqa: E402
 from train_scale import mixture  # noqa: E402
@@ -37,45 +41,12 @@ from train_scale import mixture  # noqa: E402
 MARGINAL_MOMENTUM = 0.9
 
 
-class PMIHead(nn.Module):
-    def __init__(self, width: int, clusters: int, hidden: int = 512, bottleneck: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, clusters, bias=False))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.prototypes(F.normalize(self.mlp(features), dim=-1))
-
-
-class PMIHeads(nn.Module):
-    def __init__(self, width: int, clusters: int, count: int):
-        super().__init__()
-        self.heads = nn.ModuleList(PMIHead(width, clusters) for _ in range(count))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits [H, B, K]."""
-        return torch.stack([head(features) for head in self.heads])
-
-
-def pmi_loss(student: torch.Tensor, teacher: torch.Tensor, marginal: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head loss [H] and the updated marginal, for logits [H, 2B, K] of rows [x; its neighbour]."""
-    pairs = student.shape[1] // 2
-    student_p = F.softmax(student / args.student_temperature, -1)
-    with torch.no_grad():
-        teacher_p = F.softmax(teacher / args.teacher_temperature, -1)
-        agreement = (teacher_p[:, :pairs] * teacher_p[:, pairs:]).sum(-1).mean(0)
-        weight = torch.cat([agreement, agreement])
-        marginal = MARGINAL_MOMENTUM * marginal + (1 - MARGINAL_MOMENTUM) * teacher_p.mean(1)
-    partner = torch.cat([teacher_p[:, pairs:], teacher_p[:, :pairs]], 1)
-    pmi = (((student_p * partner) ** args.beta) / marginal[:, None, :]).sum(-1).log()
-    return -(weight * pmi).mean(1), marginal
-
-
 def train(views: torch.Tensor, nearest: torch.Tensor, args) -> tuple[PMIHeads, int, torch.Tensor, torch.Tensor]:
     """(teacher, the head with the lowest loss in the last epoch, the standardisation's mean, std)."""
     torch.manual_seed(args.seed)
     mean, std = views[:, 0].mean(0), views[:, 0].std(0)
-    student = PMIHeads(views.shape[2], args.clusters, args.heads)
+    student = PMIHeads(views.shape[2], args.clusters, args.heads, hidden=512, bottleneck=256)
+    settings = PMISettings(args.student_temperature, args.teacher_temperature, args.beta, MARGINAL_MOMENTUM)
     teacher = copy.deepcopy(student).requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=1e-4)
     marginal = torch.full((args.heads, args.clusters), 1 / args.clusters)
@@ -89,7 +60,7 @@ def train(views: torch.Tensor, nearest: torch.Tensor, args) -> tuple[PMIHeads, i
             first = views[rows, torch.randint(views.shape[1], (len(rows),), generator=generator)]
             neighbour = views[nearest[rows, torch.randint(nearest.shape[1], (len(rows),), generator=generator)], 0]
             pair = (torch.cat([first, neighbour]) - mean) / std
-            per_head, marginal = pmi_loss(student(pair), teacher(pair), marginal, args)
+            per_head, marginal = pmi_loss(student(pair), teacher(pair), marginal, settings)
             optimizer.zero_grad()
             per_head.sum().backward()
             optimizer.step()

@@ -42,6 +42,7 @@ VARIANTS = {  # name -> (model, config overrides)
     "mfavb-1": ("mfavb", {"blocks": 1}),
     "mfavb-2": ("mfavb", {"blocks": 2}),
     "mfavb-3": ("mfavb", {"blocks": 3}),
+    "temi": ("temi", {}),
 }
 ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "ccmlp-no-neighbours": ("ccmlp", {"neighbours": 0}),

@@ -1,5 +1,5 @@
 """Contrastive Clustering's losses (Li et al., AAAI 2021), over the global batch, and SCAN's
-self-labelling loss that follows them.
+self-labelling loss that follows them; TEMI's PMI loss.
 
 Under DDP every worker all-gathers the projections of all workers *with gradients*,
 so N workers of batch b optimise exactly the loss of one batch of N*b.
@@ -7,6 +7,7 @@ so N workers of batch b optimise exactly the loss of one batch of N*b.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -93,3 +94,43 @@ def self_labelling_loss(probs: torch.Tensor, target_probs: torch.Tensor,
     weight = counts.sum() / (counts.clamp_min(1) * (counts > 0).sum())
     loss = F.nll_loss(torch.log(probs[keep].clamp_min(1e-8)), target[keep], weight=weight)
     return loss, keep.float().mean().item()
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over every worker (no gradient)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / dist.get_world_size()
+    return x
+
+
+@dataclass(frozen=True)
+class PMISettings:
+    student_temperature: float
+    teacher_temperature: float
+    beta: float
+    marginal_momentum: float
+
+
+def pmi_loss(student: torch.Tensor, teacher: torch.Tensor, marginal: torch.Tensor,
+             settings: PMISettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """TEMI's loss (Adaloglou et al., BMVC 2023) per head [H], and the teacher's updated running
+    cluster marginal [H, K], from logits [H, 2B, K] of the rows [x; its partner].
+
+    For a pair (x, x'): -log sum_k (q_s(k|x) q_t(k|x'))^beta / q_t(k), both ways, where q_s is the
+    student's, q_t the teacher's and q_t(k) its running marginal; beta < 1 keeps the heads from
+    collapsing onto one confident cluster. Each pair is weighted by how much the teacher heads
+    agree that x and x' share a cluster, which lowers the weight of neighbours from other classes.
+    """
+    pairs = student.shape[1] // 2
+    student_p = F.softmax(student / settings.student_temperature, -1)
+    with torch.no_grad():
+        teacher_p = F.softmax(teacher / settings.teacher_temperature, -1)
+        agreement = (teacher_p[:, :pairs] * teacher_p[:, pairs:]).sum(-1).mean(0)
+        weight = torch.cat([agreement, agreement])
+        momentum = settings.marginal_momentum
+        marginal = momentum * marginal + (1 - momentum) * global_mean(teacher_p.mean(1))
+    partner = torch.cat([teacher_p[:, pairs:], teacher_p[:, :pairs]], 1)
+    pmi = (((student_p * partner) ** settings.beta) / marginal[:, None, :]).sum(-1).log()
+    return -(weight * pmi).mean(1), marginal

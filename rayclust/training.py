@@ -35,7 +35,8 @@ from rayclust.cli import ClusterRange
 from rayclust.errors import UserError
 from rayclust.health import ClusterHealth, health_of
 from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
-from rayclust.losses import SELF_LABEL_THRESHOLD, contrastive_clustering_loss, per_cluster_head, self_labelling_loss
+from rayclust.losses import (SELF_LABEL_THRESHOLD, contrastive_clustering_loss, global_mean, per_cluster_head,
+                             pmi_loss, self_labelling_loss)
 from rayclust.models import (build_model, is_image_model, load_tensors, model_config, parameter_groups,
                              pretrained_state)
 from rayclust.models.checkpoint import CHECKPOINT_FILE, CONFIG_FILE, DIGEST, digest_of, load_model
@@ -192,6 +193,9 @@ def train(settings: TrainSettings) -> dict:
         else settings.self_label_epochs
     if images and self_label_epochs:
         raise UserError(f"--model {settings.model} trains on images: self-labelling is for feature models")
+    if config["model"] == "temi" and self_label_epochs:
+        raise UserError(f"--model {settings.model} labels with its EMA teacher and has no self-labelling epochs: "
+                        "drop --self-label-epochs")
     if table is None:
         dim, rows = config["image_size"], None  # counting images would read every shard
     else:
@@ -374,14 +378,20 @@ def train_loop(config: dict) -> None:
     threshold = hyper.get("self_label_threshold", SELF_LABEL_THRESHOLD)
     loop_started = time.monotonic()
     for epoch in range(start_epoch, epochs):
-        co_assigned = None
-        if epoch < config["epochs"]:  # the last contrastive epoch also counts co-assignments to align the heads
+        co_assigned, after_step = None, None
+        if hasattr(unwrap(model), "follow_student"):  # TEMI: its teacher follows the student after every step
+            phase, step = "PMI", pmi_step
+            after_step = functools.partial(unwrap(model).follow_student, epoch, config["epochs"])
+        elif epoch < config["epochs"]:  # the last contrastive epoch also counts co-assignments to align the heads
             if epoch == config["epochs"] - 1:
                 co_assigned = co_assignment_counter(model, config["clusters"])
             phase, step = "contrastive", functools.partial(contrastive_step, co_assigned=co_assigned)
         else:
             phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
-        metrics = train_epoch(model, optimizer, batches(epoch), config["batch_size"], generator, step)
+        metrics = train_epoch(model, optimizer, batches(epoch), config["batch_size"], generator, step, after_step)
+        if "head_loss" in metrics:
+            consensus = choose_labelling_head(model, metrics.pop("head_loss"))
+            metrics.update(consensus)
         # epoch: epochs trained so far, the number the progress line and the model version show
         metrics.update(epoch=epoch + 1, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
@@ -435,6 +445,14 @@ def align_cluster_heads(model, co_assigned: torch.Tensor, rank: int) -> dict:
     return {"reference_head": reference, "head_agreement": agreement}
 
 
+def choose_labelling_head(model, head_loss: torch.Tensor) -> dict:
+    """TEMI's unsupervised choice after each epoch: the head with the lowest loss over it on every
+    worker labels (``TEMI.choose_head``)."""
+    head_loss = global_mean(head_loss)
+    return {"labelling_head": unwrap(model).choose_head(head_loss),
+            "head_loss": [round(float(loss), 4) for loss in head_loss]}
+
+
 def refillable(model, config: dict) -> bool:
     """A feature model's cluster heads, one or several, on a feature table (the only batches rank 0
     may read on its own: an image model's come from a shard of one Ray Data stream that every rank reads)."""
@@ -467,6 +485,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def epoch_summary(metrics: dict) -> str:
     parts = ", ".join(f"{name.removesuffix('_loss')} {metrics[name]:.4f}"
                       for name in ("instance_loss", "cluster_loss", "kept") if name in metrics)
+    if "labelling_head" in metrics:
+        parts = f"labelling head {metrics['labelling_head']}: {min(metrics['head_loss']):.4f}"
     return f"loss {metrics['loss']:.4f} ({parts}), {metrics['samples_per_second']:.0f} samples/s"
 
 
@@ -489,9 +509,9 @@ def epoch_batches(config: dict, rank: int, world: int) -> Callable[[int], Iterab
 
 
 def train_epoch(model, optimizer, batches: Iterable[dict[str, torch.Tensor]], batch_size: int,
-                generator: torch.Generator, step: Step) -> dict:
+                generator: torch.Generator, step: Step, after_step: Callable[[], None] | None = None) -> dict:
     """One pass over the worker's batches; ``step`` turns a batch into (loss, parts to log: numbers
-    or tensors, averaged over the epoch)."""
+    or tensors, averaged over the epoch); ``after_step`` runs after each optimizer step."""
     model.train()
     totals: dict[str, float | torch.Tensor] = {}
     steps = samples = 0
@@ -501,6 +521,8 @@ def train_epoch(model, optimizer, batches: Iterable[dict[str, torch.Tensor]], ba
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         for name, value in {"loss": loss.item(), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value
         steps += 1
@@ -520,6 +542,15 @@ def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Gen
     if co_assigned is not None:
         co_assigned.add(per_cluster_head(outputs[0][2]).detach())
     return loss, parts
+
+
+def pmi_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator):
+    """TEMI's PMI loss between a row's view and its partner (a neighbour or another view), summed
+    over the heads; each head's loss is kept to choose the labelling head."""
+    inner = unwrap(model)
+    per_head, marginal = pmi_loss(*model(*view_pair(batch, generator)), inner.marginal, inner.loss_settings)
+    inner.marginal.copy_(marginal)
+    return per_head.mean(), {"head_loss": per_head.detach()}
 
 
 def self_labelling_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator, threshold: float):
