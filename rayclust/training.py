@@ -390,8 +390,9 @@ def train_loop(config: dict) -> None:
             phase, step = "self-labelling", functools.partial(self_labelling_step, threshold=threshold)
         metrics = train_epoch(model, optimizer, batches(epoch), config["batch_size"], generator, step, after_step)
         if "head_loss" in metrics:
-            consensus = choose_labelling_head(model, metrics.pop("head_loss"))
-            metrics.update(consensus)
+            head_loss = global_mean(metrics.pop("head_loss"))
+            consensus = choose_labelling_head(model, head_loss)
+            metrics.update(consensus, loss=float(head_loss.mean()))  # every worker's, as the heads' losses
         # epoch: epochs trained so far, the number the progress line and the model version show
         metrics.update(epoch=epoch + 1, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
@@ -447,8 +448,7 @@ def align_cluster_heads(model, co_assigned: torch.Tensor, rank: int) -> dict:
 
 def choose_labelling_head(model, head_loss: torch.Tensor) -> dict:
     """TEMI's unsupervised choice after each epoch: the head with the lowest loss over it on every
-    worker labels (``TEMI.choose_head``)."""
-    head_loss = global_mean(head_loss)
+    worker (``head_loss`` [H]) labels (``TEMI.choose_head``)."""
     return {"labelling_head": unwrap(model).choose_head(head_loss),
             "head_loss": [round(float(loss), 4) for loss in head_loss]}
 
@@ -545,7 +545,7 @@ def contrastive_step(model, batch: dict[str, torch.Tensor], generator: torch.Gen
 
 
 def pmi_step(model, batch: dict[str, torch.Tensor], generator: torch.Generator):
-    """TEMI's PMI loss between a row's view and its partner (a neighbour or another view), summed
+    """TEMI's PMI loss between a row's view and its partner (a neighbour or another view), averaged
     over the heads; each head's loss is kept to choose the labelling head."""
     inner = unwrap(model)
     per_head, marginal = pmi_loss(*model(*view_pair(batch, generator)), inner.marginal, inner.loss_settings)

@@ -87,11 +87,13 @@ def test_temi_refuses_self_labelling_epochs_in_one_line(tmp_path, digits_feature
 
 
 @pytest.mark.slow
-def test_temi_trains_and_labels_every_digit_well_above_chance(ray_session, tmp_path, digits_features):
+def test_two_workers_train_temi_and_label_every_digit_well_above_chance(ray_session, tmp_path, digits_features):
+    """Under DDP the teachers stay equal without communication, the marginal and the head choice
+    are over both workers' batches."""
     lake = write_digits_feature_lake(digits_features, str(tmp_path / "lake"), shards=2)
     heads = 4  # of the config's 16: the same path at a quarter of the cost
-    latest = train(TrainSettings(lake.uri, "temi", clusters=10, epochs=15, workers=1, run="temi", evaluate=False,
-                                 overrides={"heads": heads}))
+    latest = train(TrainSettings(lake.uri, "temi", clusters=10, epochs=15, batch_size=128, workers=2, run="temi",
+                                 evaluate=False, overrides={"heads": heads}))
     assert latest["model_version"] == "temi/epoch-15"
     assert len(latest["metrics"]["head_loss"]) == heads
     assert latest["metrics"]["labelling_head"] == int(np.argmin(latest["metrics"]["head_loss"]))
@@ -102,4 +104,4 @@ def test_temi_trains_and_labels_every_digit_well_above_chance(ray_session, tmp_p
     assert sorted(keys) == sorted(digits_features["keys"].tolist())
     truth = dict(zip(digits_features["keys"].tolist(), digits_features["labels"].tolist()))
     acc = cluster_metrics(np.array([truth[k] for k in keys]), labels.column("cluster").to_numpy())["acc"]
-    assert acc > 0.3, acc  # chance is 0.1; measured 0.497
+    assert acc > 0.3, acc  # chance is 0.1; measured 0.514

@@ -18,7 +18,8 @@ from rayclust.errors import UserError
 MODEL_CONFIGS = Path(__file__).parent.parent / "model_configs"
 MODEL_CLASSES = {"ccmlp": "rayclust.models.ccmlp:CCMLP", "mfavb": "rayclust.models.mfavb:MFAVB",
                  "pyramid": "rayclust.models.pyramid:Pyramid",
-                 "pretrained-pyramid": "rayclust.models.pyramid:PretrainedPyramid", "temi": "rayclust.models.temi:TEMI"}
+                 "pretrained-pyramid": "rayclust.models.pyramid:PretrainedPyramid",
+                 "temi": "rayclust.models.temi:TEMI"}
 TRAINING_KEYS = (  # the recipe, not the network
     "lr", "backbone_lr", "weight_decay", "neighbours", "epochs", "batch_size", "self_label_epochs",
     "self_label_threshold", "warm_start_images",
