@@ -120,7 +120,12 @@ class TwinHeadPyramid(nn.Module):
     of all four."""
 
     heads: nn.ModuleList
-    predict_stages: str
+
+    def __init__(self, predict_stages: str):
+        super().__init__()
+        if predict_stages not in ("last", "all"):
+            raise UserError(f"pyramid config: predict_stages is 'last' or 'all', got {predict_stages!r}")
+        self.predict_stages = predict_stages
 
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -155,9 +160,8 @@ class Pyramid(TwinHeadPyramid):
                  widths: tuple = (32, 64, 128, 256), heads: tuple = (1, 2, 4, 8), kv_reduction: tuple = (2, 1, 1, 1),
                  stem_width: int = 16, stem_stride: int = 2, mlp_ratio: float = 3.6, instance_dim: int = 128,
                  drop_path: float = 0.0, predict_stages: str = "last"):
-        super().__init__()
-        check_shape(image_size, depths, widths, heads, kv_reduction, stem_stride, predict_stages)
-        self.predict_stages = predict_stages
+        super().__init__(predict_stages)
+        check_shape(image_size, depths, widths, heads, kv_reduction, stem_stride)
         self.stem = nn.Sequential(
             ConvNormAct(3, stem_width, 3, stride=stem_stride, act_layer=nn.GELU),
             ConvNormAct(stem_width, stem_width, 3, act_layer=nn.GELU),
@@ -191,14 +195,12 @@ class PretrainedPyramid(TwinHeadPyramid):
 
     def __init__(self, clusters: int, backbone: str = "effnet-lite0", image_size: int = 128,
                  frozen_stages: int = 0, instance_dim: int = 128, predict_stages: str = "last"):
-        super().__init__()
+        super().__init__(predict_stages)
         from rayclust.models.backbones import pretrained_stages
 
         if not 0 <= frozen_stages < STAGES:
             raise UserError(f"pyramid config: frozen_stages is 0 to {STAGES - 1}, got {frozen_stages}")
-        if predict_stages not in ("last", "all"):
-            raise UserError(f"pyramid config: predict_stages is 'last' or 'all', got {predict_stages!r}")
-        self.clusters, self.predict_stages = clusters, predict_stages
+        self.clusters = clusters
         self.backbone = pretrained_stages(backbone)
         # where a bare backbone checkpoint's names sit in this model (``--init``; models/__init__.py)
         self.checkpoint_prefix = "backbone." + getattr(self.backbone, "checkpoint_prefix", "")
@@ -257,7 +259,7 @@ class PretrainedPyramid(TwinHeadPyramid):
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
 
-def check_shape(image_size: int, depths, widths, heads, kv_reduction, stem_stride: int, predict_stages: str) -> None:
+def check_shape(image_size: int, depths, widths, heads, kv_reduction, stem_stride: int) -> None:
     """One-line errors for a pyramid config that cannot build."""
     if not all(len(v) == STAGES for v in (depths, widths, heads, kv_reduction)):
         raise UserError(f"pyramid config: depths, widths, heads and kv_reduction need {STAGES} values each")
@@ -267,5 +269,3 @@ def check_shape(image_size: int, depths, widths, heads, kv_reduction, stem_strid
     if any(side < r for side, r in zip(sides, kv_reduction)):
         raise UserError(f"pyramid config: stage maps of {sides} px at image_size {image_size} are smaller "
                         f"than kv_reduction {list(kv_reduction)}")
-    if predict_stages not in ("last", "all"):
-        raise UserError(f"pyramid config: predict_stages is 'last' or 'all', got {predict_stages!r}")
