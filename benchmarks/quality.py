@@ -43,6 +43,7 @@ VARIANTS = {  # name -> (model, config overrides)
     "mfavb-2": ("mfavb", {"blocks": 2}),
     "mfavb-3": ("mfavb", {"blocks": 3}),
     "temi": ("temi", {}),
+    "temi-mfavb": ("temi-mfavb", {}),
 }
 ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "ccmlp-no-neighbours": ("ccmlp", {"neighbours": 0}),

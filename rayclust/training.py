@@ -357,8 +357,10 @@ def train_loop(config: dict) -> None:
     saved = load_training_state(ray.train.get_checkpoint())
     if saved:
         model.load_state_dict(saved["model"])
-    elif rank == 0 and config["init_weights"] is None:
-        warm_start(model, config)  # before prepare_model: DDP hands rank 0's weights to the others
+    # metrics a resumed run carries on: how the cluster heads started, how they were aligned once they are
+    carried = saved.get("consensus", {}) if saved else {}
+    if not saved and rank == 0 and config["init_weights"] is None:
+        carried["warm_start_samples"] = warm_start(model, config)  # before prepare_model: DDP hands rank 0's weights on
     # the self-labelling step uses the cluster head alone; DDP must not wait for the instance head's gradients
     unused = {"find_unused_parameters": config["self_label_epochs"] > 0}
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=unused)
@@ -371,7 +373,6 @@ def train_loop(config: dict) -> None:
         start_epoch = saved["epoch"] + 1
         if rank == 0:
             print(f"resumed run {config['run']} after epoch {saved['epoch'] + 1}", flush=True)
-    consensus = saved.get("consensus", {}) if saved else {}  # how the cluster heads were aligned, once they are
     generator = torch.Generator().manual_seed(config["seed"] + 1000 * start_epoch)
     batches = epoch_batches(config, rank, world)
     epochs = config["epochs"] + config["self_label_epochs"]
@@ -391,8 +392,8 @@ def train_loop(config: dict) -> None:
         metrics = train_epoch(model, optimizer, batches(epoch), config["batch_size"], generator, step, after_step)
         if "head_loss" in metrics:
             head_loss = global_mean(metrics.pop("head_loss"))
-            consensus = choose_labelling_head(model, head_loss)
-            metrics.update(consensus, loss=float(head_loss.mean()))  # every worker's, as the heads' losses
+            carried.update(choose_labelling_head(model, head_loss))
+            metrics.update(carried, loss=float(head_loss.mean()))  # every worker's, as the heads' losses
         # epoch: epochs trained so far, the number the progress line and the model version show
         metrics.update(epoch=epoch + 1, phase=phase, samples_per_second=metrics["samples_per_second"] * world)
         if rank == 0:
@@ -400,29 +401,41 @@ def train_loop(config: dict) -> None:
             left = f", {duration(per_epoch * (epochs - epoch - 1))} left" if epoch + 1 < epochs else ""
             print(f"epoch {epoch + 1}/{epochs} ({phase}): {epoch_summary(metrics)}{left}", flush=True)
         if co_assigned is not None:
-            consensus = align_cluster_heads(model, co_assigned.table(), rank)
-        metrics.update(consensus)
+            carried.update(align_cluster_heads(model, co_assigned.table(), rank))
+        metrics.update(carried)
         if epoch == epochs - 1 and rank == 0 and refillable(model, config):
             metrics["refilled_clusters"] = refill_empty_clusters(model, batches(epoch), config["seed"])
-        report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, consensus)
+        report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, carried)
 
 
-def warm_start(model, config: dict) -> None:
-    """A pretrained pyramid's cluster heads from k-means on a sample of the shards' images, when its
-    config asks for it (``warm_start_images``)."""
-    count = config["model_config"].get("warm_start_images", 0)
+def warm_start(model, config: dict) -> int:
+    """Cluster heads from k-means, when the config asks for it: a feature model's on the
+    representations of a sample of the table's rows (``warm_start_rows``) from
+    ``warm_start_clusters`` clusters up, a pretrained pyramid's on a sample of the shards' images
+    (``warm_start_images``). Returns how many samples (0: the heads start at random)."""
+    hyper = config["model_config"]
+    rows = hyper.get("warm_start_rows", 0) if config["clusters"] >= hyper.get("warm_start_clusters", 0) else 0
+    if rows and refillable(model, config):
+        started = time.monotonic()
+        sample = clean_representations(model, epoch_batches(config, 0, 1)(0), rows)
+        model.cluster_head.warm_start(sample, config["seed"])
+        print(f"cluster heads warm-started from k-means on {len(sample):,} rows in "
+              f"{duration(time.monotonic() - started)}", flush=True)
+        return len(sample)
+    count = hyper.get("warm_start_images", 0)
     if not count or not hasattr(model, "warm_start"):
-        return
+        return 0
     from rayclust.views import sample_of_images
 
     started = time.monotonic()
     images = sample_of_images(expand_shards(config["shards"]), count, config["model_config"]["image_size"])
     if len(images) < 2 * config["clusters"]:  # the job checked image members, not that they decode
         print(f"cluster heads start at random: {len(images)} decodable images in the sample", flush=True)
-        return
+        return 0
     model.warm_start(images, config["seed"])
     print(f"cluster heads warm-started from k-means of the pretrained stages on {len(images):,} images "
           f"in {duration(time.monotonic() - started)}", flush=True)
+    return len(images)
 
 
 def co_assignment_counter(model, clusters: int) -> CoAssignments | None:
@@ -462,6 +475,16 @@ def refillable(model, config: dict) -> bool:
 def refill_empty_clusters(model, batches: Iterable[dict[str, torch.Tensor]], seed: int) -> int:
     """On rank 0, after the last epoch (only rank 0's weights are saved): ``ClusterHeads.refill`` on
     the representations of up to REFILL_ROWS clean rows, read as one more epoch would start."""
+    sample = clean_representations(model, batches, REFILL_ROWS)
+    with torch.no_grad():
+        refilled = unwrap(model).cluster_head.refill(sample, seed)
+    print(f"refilled {refilled} clusters the cluster heads' consensus left empty on {len(sample):,} rows, "
+          "each with the half of the cluster that a split helps most", flush=True)
+    return refilled
+
+
+def clean_representations(model, batches: Iterable[dict[str, torch.Tensor]], limit: int) -> torch.Tensor:
+    """What the model's cluster heads label, for the clean embeddings of up to ``limit`` rows of ``batches``."""
     inner = unwrap(model)
     inner.eval()
     parts, rows = [], 0
@@ -469,12 +492,9 @@ def refill_empty_clusters(model, batches: Iterable[dict[str, torch.Tensor]], see
         for batch in batches:
             parts.append(inner.representation(batch["views"][:, 0]))
             rows += len(parts[-1])
-            if rows >= REFILL_ROWS:
+            if rows >= limit:
                 break
-        refilled = inner.cluster_head.refill(torch.cat(parts)[:REFILL_ROWS], seed)
-    print(f"refilled {refilled} clusters the cluster heads' consensus left empty on {min(rows, REFILL_ROWS):,} rows, "
-          "each with the half of the cluster that a split helps most", flush=True)
-    return refilled
+    return torch.cat(parts)[:limit]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -586,12 +606,12 @@ def view_pair(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tup
 
 
 def report_with_checkpoint(metrics: dict, model, optimizer, epoch: int, config: dict, rank: int,
-                           consensus: dict) -> None:
+                           carried: dict) -> None:
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
             state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "consensus": consensus}
+                     "consensus": carried}  # its name before it carried more than the heads' consensus
             torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
             with open(os.path.join(directory, CONFIG_FILE), "w") as f:
                 json.dump(model_description(config), f, indent=2)

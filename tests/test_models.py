@@ -187,3 +187,14 @@ def test_a_checkpoint_from_before_refills_loads_without_any():
     restored.load_state_dict(old)
     assert (restored.refill_child == -1).all()
     torch.testing.assert_close(restored(three_blobs()[0]), heads(three_blobs()[0]))
+
+
+def test_warm_started_heads_each_label_the_partition_of_their_own_k_means():
+    corners, corner = three_blobs(rows=200)
+    representation = torch.cat([corners, torch.zeros(len(corners), 13)], 1)  # a head 3 ReLUs wide can die at the start
+    heads = ClusterHeads(16, 3, count=2)
+    partitions = heads.warm_start(representation, seed=0)
+    labelled = heads.all(representation).argmax(2)
+    for partition, head in zip(partitions, labelled):
+        assert len(set(zip(corner.tolist(), partition.tolist()))) == 3  # k-means finds the three corners
+        assert (head.numpy() == partition).all()

@@ -51,6 +51,28 @@ def test_the_teacher_follows_the_student_by_the_epochs_momentum():
     assert all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), settled))
 
 
+def test_fusing_blocks_under_the_heads_have_a_teacher_copy_that_follows_them():
+    torch.manual_seed(0)
+    fusing = {"tokens": 4, "width": 8, "heads": 2, "blocks": 1}
+    model = build_model(model_config("temi-mfavb", heads=2, hidden=32, bottleneck=16, fusing=fusing), 12, 4)
+    student, teacher = model(torch.randn(5, 12), torch.randn(5, 12))
+    assert student.shape == teacher.shape == (2, 10, 4)
+    assert student.requires_grad and not teacher.requires_grad
+    assert not any(p.requires_grad for p in model.teacher_encoder.parameters())
+    before = [p.clone() for p in model.teacher_encoder.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.follow_student(epoch=0, epochs=10)
+    moved = [t - b for t, b in zip(model.teacher_encoder.parameters(), before)]
+    assert all(torch.allclose(m, torch.full_like(m, 0.01), atol=1e-6) for m in moved)
+    rows = torch.randn(7, 12)
+    model.eval()
+    fused = model.teacher_encoder.encode(rows, rows)[0]
+    assert torch.equal(model.representation(rows), model.norm(fused))  # predict labels the teacher's fusion
+    assert torch.allclose(model.predict(rows).sum(1), torch.ones(7))
+
+
 def one_hot_logits(clusters_of_rows: list[int], clusters: int = 4) -> torch.Tensor:
     return (torch.nn.functional.one_hot(torch.tensor(clusters_of_rows), clusters).float() * 10)[None]
 

@@ -140,11 +140,23 @@ def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_ses
                                  run="small", evaluate=False))
     assert capsys.readouterr().out.count(DIGITS_BATCH_MESSAGE) == 1
     assert latest["model_version"] == "small/epoch-2"
+    assert latest["metrics"]["warm_start_samples"] == 0  # 10 clusters: below the config's warm_start_clusters
     infer(lake.uri)
     labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive").to_table()
     assert sorted(labels.column("key").to_pylist()) == sorted(f"digit-{i}" for i in range(200))
     # every cluster labels some digits: those the heads' consensus left empty on the table were refilled
     assert set(labels.column("cluster").to_pylist()) == set(range(10)), latest["metrics"]["refilled_clusters"]
+
+
+@pytest.mark.slow
+def test_cluster_heads_warm_start_from_k_means_of_the_table(ray_session, tmp_path):
+    lake = write_digits_lake(tmp_path / "lake", rows=1000, views=2)
+    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=0, workers=1,
+                                 run="warm", overrides={"warm_start_clusters": 10}))
+    assert latest["metrics"]["warm_start_samples"] == 1000 - 1000 % 250  # the full batches of one epoch
+    assert min(latest["metrics"]["head_agreement"]) > 0.5, latest["metrics"]
+    report = evaluate_checkpoint(lake, latest, lake.newest_files(FEATURES)).quality
+    assert report.rows[latest["model_version"]]["acc"] > 0.6, report
 
 
 @pytest.mark.slow

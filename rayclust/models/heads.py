@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 # Empty clusters are refilled from the representations of this many rows (``ClusterHeads.refill``):
 # a bounded sample whatever the table, 50 rows per cluster at K = 1,000.
 REFILL_ROWS = 50_000
+# A warm start (``ClusterHeads.warm_start``) fits each head to k-means of a sample by cross-entropy
+# in batches of this size, for this many passes over the sample but at least this many steps.
+WARM_START_BATCH = 1024
+WARM_START_PASSES = 5
+WARM_START_STEPS = 200
 
 
 def projection_head(width: int, out_dim: int) -> nn.Sequential:
@@ -101,6 +106,24 @@ class ClusterHeads(nn.Module):
             self.refill_centres[slot] = torch.from_numpy(split.cluster_centers_).to(self.refill_centres)
         return int((self.refill_child >= 0).sum())
 
+    def warm_start(self, representation: torch.Tensor, seed: int = 0) -> list[np.ndarray]:
+        """Start every head from k-means of ``representation`` (a sample of rows [N, width]; one
+        k-means per head, each its own seed) instead of from random weights: each head learns its
+        partition by cross-entropy (``fit_to_labels``), then contrastive training
+        refines it. Returns each head's k-means labels."""
+        from sklearn.cluster import MiniBatchKMeans
+
+        # float64: scikit-learn's distances upcast float32 in chunks, several times slower
+        unit = nn.functional.normalize(representation.double(), dim=1).cpu().numpy()
+        clusters = self.alignment.shape[1]
+        generator, partitions = torch.Generator().manual_seed(seed), []
+        for h, head in enumerate(self.heads):
+            kmeans = MiniBatchKMeans(clusters, n_init=1, batch_size=4096, random_state=seed * len(self.heads) + h)
+            target = kmeans.fit_predict(unit)
+            partitions.append(target)
+            fit_to_labels(head[0], representation, torch.from_numpy(target).long(), generator)
+        return partitions
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint from before refills had none."""
         for name, value in no_refills(*self.refill_centres.shape[::2]).items():
@@ -126,6 +149,21 @@ class ClusterHeads(nn.Module):
         for h, (rows, columns) in enumerate(matches[reference]):
             self.alignment[h, torch.from_numpy(rows)] = torch.from_numpy(columns).to(self.alignment.device)
         return reference, agreement[reference].tolist()
+
+
+def fit_to_labels(projector: nn.Module, rows: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> None:
+    """Cross-entropy of ``projector(rows)`` against ``target``: WARM_START_PASSES over the rows, at
+    least WARM_START_STEPS steps."""
+    optimizer = torch.optim.Adam(projector.parameters(), lr=1e-3)
+    batch = min(WARM_START_BATCH, len(rows))
+    steps = max(WARM_START_STEPS, WARM_START_PASSES * len(rows) // batch)
+    with torch.enable_grad():
+        for _ in range(steps):
+            chosen = torch.randint(len(rows), (batch,), generator=generator)
+            loss = nn.functional.cross_entropy(projector(rows[chosen]), target[chosen])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
 
 def no_refills(clusters: int, width: int) -> dict[str, torch.Tensor]:

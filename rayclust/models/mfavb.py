@@ -56,23 +56,21 @@ class FusingAugmentingBlock(nn.Module):
         return fused.split(a.shape[1], dim=1)
 
 
-class MFAVB(nn.Module):
-    def __init__(self, feature_dim: int, clusters: int, tokens: int = 8, width: int = 128, heads: int = 4,
-                 view_depth: int = 1, fused_depth: int = 1, fused_mlp_ratio: float = 8.0, blocks: int = 2,
-                 instance_dim: int = 128, dropout: float = 0.0, layer_scale: float | None = 1e-4,
-                 contrast: str = "self", cluster_heads: int = 1):
+class FusingEncoder(nn.Module):
+    """MFAVB's trunk: the tokenizer and the fusing-augmenting blocks, read out flat and normalised
+    (``width`` = tokens x token width). Any head can sit on it (MFAVB's CC heads, TEMI's)."""
+
+    def __init__(self, feature_dim: int, tokens: int = 8, width: int = 128, heads: int = 4, view_depth: int = 1,
+                 fused_depth: int = 1, fused_mlp_ratio: float = 8.0, blocks: int = 2, dropout: float = 0.0,
+                 layer_scale: float | None = 1e-4):
         super().__init__()
-        if contrast not in CONTRASTS:
-            raise ValueError(f"contrast must be one of {CONTRASTS}, not {contrast!r}")
-        self.contrast = contrast
         self.tokenizer = FeatureTokenizer(feature_dim, tokens, width)
         self.blocks = nn.ModuleList(
             FusingAugmentingBlock(width, heads, view_depth, fused_depth, fused_mlp_ratio, dropout, layer_scale)
             for _ in range(blocks)
         )
-        self.norm = nn.LayerNorm(tokens * width)
-        self.instance_head = projection_head(tokens * width, instance_dim)
-        self.cluster_head = ClusterHeads(tokens * width, clusters, cluster_heads)
+        self.width = tokens * width
+        self.norm = nn.LayerNorm(self.width)
 
     def encode(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views' features [B, D] through every fusing-augmenting block -> the final pair [B, T*W]."""
@@ -80,6 +78,20 @@ class MFAVB(nn.Module):
         for block in self.blocks:
             a, b = block(a, b)
         return self.norm(a.flatten(1)), self.norm(b.flatten(1))
+
+
+class MFAVB(FusingEncoder):
+    def __init__(self, feature_dim: int, clusters: int, tokens: int = 8, width: int = 128, heads: int = 4,
+                 view_depth: int = 1, fused_depth: int = 1, fused_mlp_ratio: float = 8.0, blocks: int = 2,
+                 instance_dim: int = 128, dropout: float = 0.0, layer_scale: float | None = 1e-4,
+                 contrast: str = "self", cluster_heads: int = 1):
+        super().__init__(feature_dim, tokens, width, heads, view_depth, fused_depth, fused_mlp_ratio, blocks, dropout,
+                         layer_scale)
+        if contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {CONTRASTS}, not {contrast!r}")
+        self.contrast = contrast
+        self.instance_head = projection_head(self.width, instance_dim)
+        self.cluster_head = ClusterHeads(self.width, clusters, cluster_heads)
 
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor | None = None):
         """Features of a positive pair [B, D] -> [(z_a, z_b, c_a, c_b), ...] for the loss (c: every

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayclust.losses import PMISettings
+from rayclust.models.mfavb import FusingEncoder
 
 
 class Prototypes(nn.Module):
@@ -57,18 +58,26 @@ class PMIHeads(nn.Module):
 
 
 class TEMI(nn.Module):
+    """``fusing``: MFAVB's fusing blocks under the heads (``FusingEncoder``'s settings), trained by
+    the PMI loss; the teacher keeps an EMA copy of them too. The student sees each row fused with
+    its partner, the teacher each row fused with itself (what ``predict`` computes): MFAVB's
+    "self" contrast, since a half fused with its partner could agree with it by copying."""
+
     def __init__(self, feature_dim: int, clusters: int, heads: int = 16, hidden: int = 512, bottleneck: int = 256,
                  student_temperature: float = 0.1, teacher_temperature: float = 0.05, beta: float = 0.6,
-                 teacher_momentum: float = 0.99, marginal_momentum: float = 0.9):
+                 teacher_momentum: float = 0.99, marginal_momentum: float = 0.9, fusing: dict | None = None):
         super().__init__()
         if heads < 1:
             raise ValueError(f"heads must be at least 1, not {heads}")
         self.loss_settings = PMISettings(student_temperature, teacher_temperature, beta, marginal_momentum)
         self.teacher_momentum = teacher_momentum
+        self.encoder = FusingEncoder(feature_dim, **fusing) if fusing else None
+        self.teacher_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if fusing else None
+        width = self.encoder.width if fusing else feature_dim
         # standardises each feature over the batches seen (TEMI's heads expect centred inputs); its
         # running statistics standardise at predict time
-        self.norm = nn.BatchNorm1d(feature_dim, affine=False)
-        self.student = PMIHeads(feature_dim, clusters, heads, hidden, bottleneck)
+        self.norm = nn.BatchNorm1d(width, affine=False)
+        self.student = PMIHeads(width, clusters, heads, hidden, bottleneck)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.register_buffer("marginal", torch.full((heads, clusters), 1.0 / clusters))
         self.register_buffer("labelling_head", torch.tensor(0))
@@ -76,18 +85,25 @@ class TEMI(nn.Module):
     def forward(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of rows and of their partners [B, D] -> (student logits, teacher logits), each
         [H, 2B, K] over the rows [a; b]."""
-        pair = self.norm(torch.cat([view_a, view_b]))
+        pair = torch.cat([view_a, view_b])
+        if self.encoder is None:
+            pair = self.norm(pair)
+            with torch.no_grad():
+                teacher = self.teacher(pair)
+            return self.student(pair), teacher
         with torch.no_grad():
-            teacher = self.teacher(pair)
-        return self.student(pair), teacher
+            teacher = self.teacher(self.norm(self.teacher_encoder.encode(pair, pair)[0]))
+        return self.student(self.norm(torch.cat(self.encoder.encode(view_a, view_b)))), teacher
 
     @torch.no_grad()
     def follow_student(self, epoch: int, epochs: int) -> None:
         """One EMA step of the teacher towards the student, at this epoch's momentum: a cosine from
         ``teacher_momentum`` to 1 over the epochs, so the teacher settles as training ends."""
         momentum = 1 - (1 - self.teacher_momentum) * (math.cos(math.pi * epoch / epochs) + 1) / 2
-        for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
-            teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
+        pairs = [(self.teacher, self.student)] + ([(self.teacher_encoder, self.encoder)] if self.encoder else [])
+        for teachers, students in pairs:
+            for teacher, student in zip(teachers.parameters(), students.parameters()):
+                teacher.mul_(momentum).add_(student.detach(), alpha=1 - momentum)
 
     def choose_head(self, head_loss: torch.Tensor) -> int:
         """The head with the lowest mean loss [H] labels from now on."""
@@ -101,5 +117,7 @@ class TEMI(nn.Module):
         return F.softmax(head(self.representation(features)) / self.loss_settings.teacher_temperature, -1)
 
     def representation(self, features: torch.Tensor) -> torch.Tensor:
-        """The standardised features [B, D]."""
+        """The standardised features [B, D]; with fusing blocks, the teacher's fusion of each row with itself."""
+        if self.teacher_encoder is not None:
+            features = self.teacher_encoder.encode(features, features)[0]
         return self.norm(features)
