@@ -403,7 +403,7 @@ def train_loop(config: dict) -> None:
         if co_assigned is not None:
             carried.update(align_cluster_heads(model, co_assigned.table(), rank))
         metrics.update(carried)
-        if epoch == epochs - 1 and rank == 0 and refillable(model, config):
+        if epoch == epochs - 1 and rank == 0 and table_cluster_heads(model, config):
             metrics["refilled_clusters"] = refill_empty_clusters(model, batches(epoch), config["seed"])
         report_with_checkpoint(metrics, model, optimizer, epoch, config, rank, carried)
 
@@ -415,7 +415,7 @@ def warm_start(model, config: dict) -> int:
     (``warm_start_images``). Returns how many samples (0: the heads start at random)."""
     hyper = config["model_config"]
     rows = hyper.get("warm_start_rows", 0) if config["clusters"] >= hyper.get("warm_start_clusters", 0) else 0
-    if rows and refillable(model, config):
+    if rows and table_cluster_heads(model, config):
         started = time.monotonic()
         sample = clean_representations(model, epoch_batches(config, 0, 1)(0), rows)
         model.cluster_head.warm_start(sample, config["seed"])
@@ -466,7 +466,7 @@ def choose_labelling_head(model, head_loss: torch.Tensor) -> dict:
             "head_loss": [round(float(loss), 4) for loss in head_loss]}
 
 
-def refillable(model, config: dict) -> bool:
+def table_cluster_heads(model, config: dict) -> bool:
     """A feature model's cluster heads, one or several, on a feature table (the only batches rank 0
     may read on its own: an image model's come from a shard of one Ray Data stream that every rank reads)."""
     return isinstance(getattr(unwrap(model), "cluster_head", None), ClusterHeads) and config["table"] is not None

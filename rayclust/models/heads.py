@@ -18,7 +18,7 @@ REFILL_ROWS = 50_000
 # in batches of this size, for this many passes over the sample but at least this many steps.
 WARM_START_BATCH = 1024
 WARM_START_PASSES = 5
-WARM_START_STEPS = 200
+WARM_START_MIN_STEPS = 200
 
 
 def projection_head(width: int, out_dim: int) -> nn.Sequential:
@@ -121,7 +121,9 @@ class ClusterHeads(nn.Module):
             kmeans = MiniBatchKMeans(clusters, n_init=1, batch_size=4096, random_state=seed * len(self.heads) + h)
             target = kmeans.fit_predict(unit)
             partitions.append(target)
-            fit_to_labels(head[0], representation, torch.from_numpy(target).long(), generator)
+            batch = min(WARM_START_BATCH, len(unit))
+            steps = max(WARM_START_MIN_STEPS, WARM_START_PASSES * len(unit) // batch)
+            fit_to_labels(head[0], representation, torch.from_numpy(target).long(), generator, batch, steps)
         return partitions
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -151,12 +153,11 @@ class ClusterHeads(nn.Module):
         return reference, agreement[reference].tolist()
 
 
-def fit_to_labels(projector: nn.Module, rows: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> None:
-    """Cross-entropy of ``projector(rows)`` against ``target``: WARM_START_PASSES over the rows, at
-    least WARM_START_STEPS steps."""
+def fit_to_labels(projector: nn.Module, rows: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+                  batch: int, steps: int) -> None:
+    """A cluster head's warm start: ``steps`` Adam steps of cross-entropy of ``projector(rows)``
+    against ``target``, each on ``batch`` rows drawn at random."""
     optimizer = torch.optim.Adam(projector.parameters(), lr=1e-3)
-    batch = min(WARM_START_BATCH, len(rows))
-    steps = max(WARM_START_STEPS, WARM_START_PASSES * len(rows) // batch)
     with torch.enable_grad():
         for _ in range(steps):
             chosen = torch.randint(len(rows), (batch,), generator=generator)

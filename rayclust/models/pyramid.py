@@ -16,6 +16,7 @@ from timm.layers import ConvNormAct, DropPath, LayerNorm2d
 from torch import nn
 
 from rayclust.errors import UserError
+from rayclust.models.heads import fit_to_labels
 
 STAGES = 4
 WARM_START_STEPS = 200  # cross-entropy steps fitting a cluster head to k-means (seconds on a CPU)
@@ -244,14 +245,7 @@ class PretrainedPyramid(TwinHeadPyramid):
             unit = F.normalize(features, dim=1)
             target = torch.from_numpy(KMeans(self.clusters, n_init=3, random_state=seed).fit_predict(unit.numpy())).long()
             targets.append(target)
-            projector = heads.cluster[0]
-            optimizer = torch.optim.Adam(projector.parameters(), lr=1e-3)
-            for _ in range(steps):
-                rows = torch.randint(len(features), (min(256, len(features)),), generator=generator)
-                loss = F.cross_entropy(projector(features[rows]), target[rows])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            fit_to_labels(heads.cluster[0], features, target, generator, min(256, len(features)), steps)
         return targets
 
     def backbone_parameters(self) -> list[nn.Parameter]:
