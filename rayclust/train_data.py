@@ -29,6 +29,12 @@ class EpochPlan:
     batches: int  # what every worker makes this epoch
 
 
+def least_rows_per_worker(rows: tuple[int, ...], world: int) -> int:
+    """The fewest rows any epoch's deal (``plan_epoch``: whole files, in turn) can give a worker:
+    its smallest share of files (0 when there are fewer files than workers)."""
+    return int(sum(sorted(rows)[:len(rows) // world]))
+
+
 def plan_epoch(rows: tuple[int, ...], batch_size: int, seed: int, epoch: int, rank: int, world: int) -> EpochPlan:
     order = np.random.default_rng([seed, epoch]).permutation(len(rows))
     shares = [order[r::world] for r in range(world)]

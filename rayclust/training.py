@@ -45,7 +45,7 @@ from rayclust.neighbours import Neighbours, TableRows, neighbour_store, table_ro
 from rayclust.progress import duration
 from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
 from rayclust.shards import ROWS_PER_BLOCK, count_images, expand_shards, read_shards
-from rayclust.train_data import feature_batches
+from rayclust.train_data import feature_batches, least_rows_per_worker
 
 if TYPE_CHECKING:
     from rayclust.choose_k import KChoice
@@ -128,19 +128,24 @@ def feature_table(lake: Lake) -> FeatureTable:
                         row.column("encoder")[0].as_py())
 
 
-def fit_batch_size(batch_size: int, explicit: bool, rows: int, workers: int, clusters: int) -> int:
-    """The per-worker batch for a feature table of ``rows`` rows, which Ray Train splits evenly over
-    ``workers``, each dropping its last partial batch. An ``explicit`` batch is kept if it fits at
-    all; a default one is raised to MIN_BATCH_PER_CLUSTER samples per cluster in the global batch,
-    and one too large for MIN_STEPS_PER_EPOCH steps is lowered, not below that (nor above a worker's rows)."""
-    least = MIN_BATCH_PER_CLUSTER * clusters
-    if rows < least:
-        raise UserError(f"the feature table has {rows} rows, too few for {clusters} clusters "
+def fit_batch_size(batch_size: int, explicit: bool, rows: tuple[int, ...], workers: int, clusters: int) -> int:
+    """The per-worker batch for a feature table of files of ``rows`` rows, which each epoch deals
+    whole to ``workers`` (``least_rows_per_worker``), each dropping its last partial batch. An
+    ``explicit`` batch is kept if it fits at all; a default one is raised to MIN_BATCH_PER_CLUSTER
+    samples per cluster in the global batch, and one too large for MIN_STEPS_PER_EPOCH steps is
+    lowered, not below that (nor above a worker's rows)."""
+    least, total = MIN_BATCH_PER_CLUSTER * clusters, sum(rows)
+    if total < least:
+        raise UserError(f"the feature table has {total} rows, too few for {clusters} clusters "
                         f"(at least {least}): lower --clusters")
-    per_worker = rows // workers
+    if len(rows) < workers:
+        raise UserError(f"the feature table has {len(rows)} file(s) for {workers} workers, and each worker reads "
+                        f"whole files: lower --workers to {len(rows)}")
+    per_worker = least_rows_per_worker(rows, workers)
     if per_worker == 0 or (explicit and batch_size > per_worker):
-        raise UserError(f"no full batch of {batch_size} samples per worker (the feature table has {rows} rows "
-                        f"for {workers} worker(s)): lower --batch-size or --workers")
+        raise UserError(f"no full batch of {batch_size} samples per worker (the feature table's {len(rows)} files "
+                        f"give each of {workers} worker(s) at least {per_worker} rows): "
+                        "lower --batch-size or --workers")
     if explicit:
         return batch_size
     per_cluster = -(-least // workers)
@@ -200,7 +205,7 @@ def train(settings: TrainSettings) -> dict:
         dim, rows = config["image_size"], None  # counting images would read every shard
     else:
         check_pairs(table.views, settings.model, config)
-        dim, rows = table.layout.dim, table.layout.total
+        dim, rows = table.layout.dim, table.layout.rows
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
     init_ray()
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -278,10 +283,10 @@ def feature_neighbours(lake: Lake, table: FeatureTable, k: int):
     return store
 
 
-def training_batch_size(settings: TrainSettings, config: dict, rows: int | None, workers: int) -> int:
-    """The per-worker batch: the settings' or the model config's, fitted to a feature table of ``rows``
-    rows (``fit_batch_size``). An image model's samples are not counted (that would read every shard);
-    ``check_enough_images`` reads only as many as one batch per worker needs."""
+def training_batch_size(settings: TrainSettings, config: dict, rows: tuple[int, ...] | None, workers: int) -> int:
+    """The per-worker batch: the settings' or the model config's, fitted to a feature table whose
+    files hold ``rows`` rows (``fit_batch_size``). An image model's samples are not counted (that
+    would read every shard); ``check_enough_images`` reads only as many as one batch per worker needs."""
     requested = settings.batch_size or config["batch_size"]
     if rows is None:
         return requested
@@ -290,7 +295,7 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: int | None,
         print(f"batch size {requested} -> {fitted} per worker: {MIN_BATCH_PER_CLUSTER} samples per cluster "
               f"for {settings.clusters} clusters over {workers} worker(s)", flush=True)
     elif fitted < requested:
-        print(f"batch size {requested} -> {fitted} per worker: the feature table has {rows} rows "
+        print(f"batch size {requested} -> {fitted} per worker: the feature table has {sum(rows)} rows "
               f"for {workers} worker(s)", flush=True)
     return fitted
 

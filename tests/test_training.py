@@ -100,33 +100,39 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, digi
 
 # --- small tables, tables without views, too few images -----------------------------------------
 
-def write_digits_lake(path, rows: int, views: int) -> Lake:
-    """The first ``rows`` digits (64 pixels scaled to [0, 1]) as a feature table, with ``views`` noisy copies each."""
+def write_digits_lake(path, rows: int, views: int, files: int = 1) -> Lake:
+    """The first ``rows`` digits (64 pixels scaled to [0, 1]) as a feature table of ``files`` files, with
+    ``views`` noisy copies each."""
     digits = load_digits()
     clean = (digits.data[:rows] / 16).astype(np.float32)
     noise = np.random.default_rng(0).normal(0, 0.05, (rows, views, clean.shape[1])).astype(np.float32)
+    keys = np.array([f"digit-{i}" for i in range(rows)])
     lake = Lake.open(str(path), create=True)
-    write_feature_arrays(lake, "digits", np.array([f"digit-{i}" for i in range(rows)]), digits.target[:rows],
-                         clean, clean[:, None] + noise, "digits")
+    for file, part in enumerate(np.array_split(np.arange(rows), files)):
+        write_feature_arrays(lake, f"digits-{file}", keys[part], digits.target[part], clean[part],
+                             clean[part, None] + noise[part], "digits")
     return lake
 
 
 @pytest.mark.parametrize("batch, explicit, rows, workers, clusters, fitted", [
-    (256, False, 200, 1, 10, 50),  # four steps an epoch
-    (256, False, 2000, 1, 10, 256),  # already four steps or more
-    (256, False, 60, 1, 10, 20),  # four steps would be a batch of 15: two samples per cluster win
-    (256, False, 200, 2, 10, 25),
-    (256, False, 1_000_000, 1, 1000, 2000),  # two samples per cluster: a default batch grows
-    (256, False, 1_000_000, 4, 1000, 500),
-    (64, True, 100, 1, 10, 64),  # explicit: kept while one batch fits
+    (256, False, (200,), 1, 10, 50),  # four steps an epoch
+    (256, False, (1000, 1000), 1, 10, 256),  # already four steps or more
+    (256, False, (60,), 1, 10, 20),  # four steps would be a batch of 15: two samples per cluster win
+    (256, False, (100, 100), 2, 10, 25),
+    (256, False, (1000, 100, 100), 2, 10, 25),  # a worker may be dealt one small file: 100 rows
+    (256, False, (250_000,) * 4, 1, 1000, 2000),  # two samples per cluster: a default batch grows
+    (256, False, (250_000,) * 4, 4, 1000, 500),
+    (64, True, (100,), 1, 10, 64),  # explicit: kept while one batch fits
 ])
 def test_batch_fits_the_table(batch, explicit, rows, workers, clusters, fitted):
     assert fit_batch_size(batch, explicit, rows, workers, clusters) == fitted
 
 
 @pytest.mark.parametrize("batch, explicit, rows, workers, clusters, phrase", [
-    (256, False, 19, 1, 10, "too few for 10 clusters"),
-    (128, True, 200, 2, 10, "no full batch of 128"),
+    (256, False, (19,), 1, 10, "too few for 10 clusters"),
+    (128, True, (100, 100), 2, 10, "no full batch of 128"),
+    (128, True, (1000, 100, 100), 2, 10, "at least 100 rows"),  # the deal may give a worker one small file
+    (256, False, (1000,), 2, 10, "1 file\\(s\\) for 2 workers"),  # each worker reads whole files
 ])
 def test_a_batch_that_cannot_fit_is_refused(batch, explicit, rows, workers, clusters, phrase):
     with pytest.raises(UserError, match=phrase):
@@ -149,11 +155,13 @@ def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_ses
 
 
 @pytest.mark.slow
-def test_cluster_heads_warm_start_from_k_means_of_the_table(ray_session, tmp_path):
-    lake = write_digits_lake(tmp_path / "lake", rows=1000, views=2)
-    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=0, workers=1,
+def test_cluster_heads_warm_start_from_k_means_of_the_table_on_rank_0_for_every_worker(ray_session, tmp_path):
+    """Rank 0 fits the heads while rank 1 waits at DDP's wrap, which hands rank 0's weights on: heads
+    left at random on rank 1 would assign its half of each epoch apart from rank 0's."""
+    lake = write_digits_lake(tmp_path / "lake", rows=1000, views=2, files=2)
+    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=0, workers=2,
                                  run="warm", overrides={"warm_start_clusters": 10}))
-    assert latest["metrics"]["warm_start_samples"] == 1000 - 1000 % 250  # the full batches of one epoch
+    assert latest["metrics"]["warm_start_samples"] == 1000  # rank 0 reads the epoch as one worker would: 8 x 125
     assert min(latest["metrics"]["head_agreement"]) > 0.5, latest["metrics"]
     report = evaluate_checkpoint(lake, latest, lake.newest_files(FEATURES)).quality
     assert report.rows[latest["model_version"]]["acc"] > 0.6, report
