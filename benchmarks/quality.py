@@ -50,6 +50,7 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "mfavb-2-pair-contrast": ("mfavb", {"blocks": 2, "contrast": "pair"}),
     "mfavb-2-10-epochs": ("mfavb", {"blocks": 2, "epochs": 10}),
     "mfavb-2-lr-1e-3": ("mfavb", {"blocks": 2, "lr": 1e-3}),
+    "mfavb-2-lr-1e-4": ("mfavb", {"blocks": 2, "lr": 1e-4}),
     "mfavb-2-one-token": ("mfavb", {"blocks": 2, "tokens": 1}),
     "mfavb-2-width-256": ("mfavb", {"blocks": 2, "width": 256}),
     "mfavb-2-no-layer-scale": ("mfavb", {"blocks": 2, "layer_scale": None}),
