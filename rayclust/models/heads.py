@@ -116,13 +116,13 @@ class ClusterHeads(nn.Module):
         # float64: scikit-learn's distances upcast float32 in chunks, several times slower
         unit = nn.functional.normalize(representation.double(), dim=1).cpu().numpy()
         clusters = self.alignment.shape[1]
+        batch = min(WARM_START_BATCH, len(unit))
+        steps = max(WARM_START_MIN_STEPS, WARM_START_PASSES * len(unit) // batch)
         generator, partitions = torch.Generator().manual_seed(seed), []
         for h, head in enumerate(self.heads):
             kmeans = MiniBatchKMeans(clusters, n_init=1, batch_size=4096, random_state=seed * len(self.heads) + h)
             target = kmeans.fit_predict(unit)
             partitions.append(target)
-            batch = min(WARM_START_BATCH, len(unit))
-            steps = max(WARM_START_MIN_STEPS, WARM_START_PASSES * len(unit) // batch)
             fit_to_labels(head[0], representation, torch.from_numpy(target).long(), generator, batch, steps)
         return partitions
 
