@@ -72,7 +72,7 @@ def plain_loop(args) -> None:
     from rayclust.losses import contrastive_clustering_loss
     from rayclust.models import build_model, model_config
     from rayclust.neighbours import nearest_rows
-    from rayclust.training import view_pair
+    from rayclust.train_loop import view_pair
 
     files = sorted(Path(args.lake).glob("features/shard=*/*.parquet"))
     table = pa.concat_tables(pq.read_table(f, columns=["embedding", "views"]) for f in files)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from rayclust.lake import Lake, list_to_numpy
 from rayclust.neighbours import Neighbours, TableRows
+
+if TYPE_CHECKING:  # the driver reads the dealing rule (least_rows_per_worker) and must not import torch
+    import torch
 
 BUFFER_ROWS = 10_000  # rows mixed before batches are cut: CC-MLP lost 0.14 ACC with a few batches' worth
 READ_AHEAD = 4  # files read ahead, in threads (pyarrow releases the GIL)
@@ -46,6 +48,8 @@ def feature_batches(lake_uri: str, table: TableRows, neighbours: Neighbours | No
                     epoch: int, rank: int, world: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch's batches on one worker: ``views`` [B, 1+V, D] (clean first) and, with
     neighbours, ``neighbour`` [B, D] (one of each row's nearest rows, drawn at random)."""
+    import torch
+
     plan = plan_epoch(table.rows, batch_size, seed, epoch, rank, world)
     rng = np.random.default_rng([seed, epoch, rank])
     made = 0

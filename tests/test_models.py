@@ -7,7 +7,7 @@ import torch
 from rayclust.losses import contrastive_clustering_loss
 from rayclust.models import build_model, model_config
 from rayclust.models.heads import ClusterHeads, CoAssignments
-from rayclust.training import view_pair
+from rayclust.train_loop import view_pair
 
 DIM, CLUSTERS, BATCH = 64, 5, 12
 

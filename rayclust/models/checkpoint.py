@@ -1,6 +1,6 @@
 """Finished models as the lake keeps them: what a checkpoint is, and loading one for inference.
 
-Library code, apart from the trainer (``rayclust.training`` writes checkpoints; ``labels`` and
+Library code, apart from the trainer (``rayclust.train_loop`` writes checkpoints; ``labels`` and
 ``refresh`` only read them), as open_clip keeps ``load_checkpoint`` apart from its training code.
 A checkpoint directory holds ``model.pt`` (tensors only, loaded with ``weights_only``) and
 ``config.json`` (the model config, feature dim, clusters and how they were chosen, encoder, run, shards). ``LATEST``
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from rayclust.errors import UserError
 from rayclust.lake import MODELS, Lake
 from rayclust.models import build_model, load_tensors
+
+if TYPE_CHECKING:  # loading a model imports torch (build_model); a driver that only points LATEST need not
+    import torch
 
 CHECKPOINT_FILE = "model.pt"
 CONFIG_FILE = "config.json"
