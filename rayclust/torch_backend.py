@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +73,8 @@ def rendezvous_address() -> str:
 def join_process_group(config: TorchProcessGroup, address: str, rank: int, world: int) -> None:
     import torch.distributed as dist
 
+    if config.backend == "nccl":  # a collective that times out (a peer lost) ends the worker, and the run restarts
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(config.backend, init_method=address, rank=rank, world_size=world,
                             timeout=timedelta(seconds=config.timeout_s))
 
