@@ -2,7 +2,7 @@
 
 Same data (a feature table in a lake; by default built from the real CIFAR-10 effnet-lite0
 features in ``shared/data/cifar10-test-effnetlite0.npz``, written as the embed job writes
-it: one Hive partition per shard, one Parquet file per 256-row block), same model (the
+it: one Hive partition and one Parquet file per 1,000-row shard, ``quality.build_lake``), same model (the
 library's ``build_model`` of the ``--model`` config), same loss, optimizer, batch size and
 torch threads (the job's single worker on 2 CPUs gets 1 CPU and 1 torch thread), same training
 pairs (each row's views, and with the config's ``neighbours`` one of its nearest rows mined by
@@ -32,30 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CIFAR_FEATURES, PYTHON, REPO, epoch_lines, header, mib, run_monitored, table  # noqa: E402
+from quality import build_lake  # noqa: E402
 
 GOAL = 0.8
-
-
-def build_lake(npz: Path, lake: Path, rows_per_file: int) -> None:
-    """Write the npz features as the lake's feature table, the way the embed job lays it out."""
-    sys.path.insert(0, str(REPO))
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from rayclust.features import feature_rows
-
-    data = np.load(npz)
-    keys, labels = data["keys"], data["labels"].astype(np.int64)
-    features = np.concatenate([data["clean"][:, None], data["views"]], axis=1).astype(np.float32)
-    shards = np.array([f"cifar10-test-{i // 1000:06d}" for i in range(len(keys))])
-    for start in range(0, len(keys), rows_per_file):
-        rows = slice(start, start + rows_per_file)
-        batch = {"key": keys[rows], "shard": shards[rows], "label": labels[rows],
-                 "error": np.array([""] * len(keys[rows])), "shard_rows": np.zeros(len(keys[rows]), np.int64)}
-        block = feature_rows(batch, features[rows], "effnet-lite0").drop_columns(["shard", "error", "shard_rows"])
-        directory = lake / "features" / f"shard={shards[start]}"
-        directory.mkdir(parents=True, exist_ok=True)
-        pq.write_table(block, directory / f"{start:08d}.parquet")
 
 
 def plain_loop(args) -> None:
@@ -68,13 +47,13 @@ def plain_loop(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rayclust.lake import list_to_numpy
+    from rayclust.lake import FEATURES, Lake, list_to_numpy
     from rayclust.losses import contrastive_clustering_loss
     from rayclust.models import build_model, model_config
     from rayclust.neighbours import nearest_rows
     from rayclust.train_loop import view_pair
 
-    files = sorted(Path(args.lake).glob("features/shard=*/*.parquet"))
+    files = Lake.open(args.lake).newest_files(FEATURES).values()  # what the job reads
     table = pa.concat_tables(pq.read_table(f, columns=["embedding", "views"]) for f in files)
     config = model_config(args.model)
     dim, k = len(table.column("embedding")[0]), config.get("neighbours", 0)
@@ -142,9 +121,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", default=None,
                         help="lake with a feature table (default: one built from the CIFAR-10 effnet-lite0 npz)")
-    parser.add_argument("--npz", default=str(CIFAR_FEATURES), help="features to build the lake from")
-    parser.add_argument("--rows-per-file", type=int, default=256,
-                        help="rows per Parquet file of the built lake; the embed job writes 256 (default: %(default)s)")
     parser.add_argument("--model", default="mfavb", help="model config (default: %(default)s)")
     parser.add_argument("--clusters", type=int, default=10, help="clusters K (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs; the first is skipped (default: %(default)s)")
@@ -168,8 +144,8 @@ def main() -> None:
         lake = args.lake
         if lake is None:
             lake = str(Path(workdir) / "lake")
-            build_lake(Path(args.npz), Path(lake), args.rows_per_file)
-            print(f"built a feature table from {args.npz} in {lake} ({args.rows_per_file} rows per file)")
+            build_lake(lake)
+            print(f"built a feature table from {CIFAR_FEATURES} in {lake} (one file per 1,000-row shard)")
         print(f"model {args.model}, {args.clusters} clusters, batch size {args.batch_size}, {args.epochs} epochs, "
               f"plain loop torch threads {args.threads}\n", flush=True)
         for i in range(args.repeat):

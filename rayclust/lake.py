@@ -237,12 +237,13 @@ def new_write_id() -> str:
     return f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
 
 
-def list_to_numpy(column: pa.ChunkedArray | pa.Array, *inner: int) -> np.ndarray:
-    """A column of equal-length (nested) float lists as one float32 array [rows, *inner]."""
+def list_to_numpy(column: pa.ChunkedArray | pa.Array, *inner: int, copy: bool = True) -> np.ndarray:
+    """A column of equal-length (nested) float lists as one float32 array [rows, *inner]; without
+    ``copy``, a float32 column's array is a read-only view of Arrow's memory."""
     flat = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     for _ in inner:
         flat = pc.list_flatten(flat)
-    return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), *inner)
+    return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=copy).reshape(len(column), *inner)
 
 
 def read_sample(lake: Lake, files: dict[str, str], columns: list[str], max_rows: int,

@@ -8,6 +8,7 @@ order is new; the table streams from the lake every epoch, so it may be larger t
 """
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -52,45 +53,63 @@ def feature_batches(lake_uri: str, table: TableRows, neighbours: Neighbours | No
 
     plan = plan_epoch(table.rows, batch_size, seed, epoch, rank, world)
     rng = np.random.default_rng([seed, epoch, rank])
-    made = 0
-    carried: tuple[np.ndarray, np.ndarray] | None = None
-    for views, rows in mixed_rows(lake_uri, table, plan.files, rng):
-        if carried is not None:
-            views, rows = np.concatenate([carried[0], views]), np.concatenate([carried[1], rows])
-        full = len(rows) - len(rows) % batch_size
-        for start in range(0, full, batch_size):
-            if made == plan.batches:
-                return
-            batch = {"views": torch.from_numpy(views[start:start + batch_size])}
-            if neighbours is not None:
-                batch["neighbour"] = torch.from_numpy(neighbours.pick(rows[start:start + batch_size], rng))
-            yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-            made += 1
-        carried = views[full:], rows[full:]
+    cut = cut_batches(mixed_rows(lake_uri, table, plan.files, rng), batch_size)
+    for _, (views, rows) in zip(range(plan.batches), cut):
+        batch = {"views": torch.from_numpy(views.copy())}  # not a view of the run: it goes with its last batch
+        if neighbours is not None:
+            batch["neighbour"] = torch.from_numpy(neighbours.pick(rows, rng))
+        yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def cut_batches(runs: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(views, row numbers) of ``batch_size`` rows, cut from the runs in turn; a run's rows short of
+    a batch begin the next run's first batch (one batch copied, not the run)."""
+    short: tuple[np.ndarray, np.ndarray] | None = None
+    for views, rows in runs:
+        start = 0
+        if short is not None:
+            start = min(batch_size - len(short[1]), len(rows))
+            short = np.concatenate([short[0], views[:start]]), np.concatenate([short[1], rows[:start]])
+            if len(short[1]) < batch_size:
+                continue
+            yield short
+        end = start + (len(rows) - start) // batch_size * batch_size
+        for first in range(start, end, batch_size):
+            yield views[first:first + batch_size], rows[first:first + batch_size]
+        short = (views[end:].copy(), rows[end:].copy()) if end < len(rows) else None
+        del views, rows  # before the next run is read into a buffer of its own
 
 
 def mixed_rows(lake_uri: str, table: TableRows, files: np.ndarray,
                rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(views, row numbers) of the files, in shuffled runs of BUFFER_ROWS rows or more
-    (``feature_batches`` carries what a run leaves short of a batch into the next)."""
+    """(views, row numbers) of the files, in runs of BUFFER_ROWS rows or more, each in a new order.
+    Each file's rows go to random places of its run's buffer as the file arrives, so a worker
+    holds one run and the files it reads ahead, not copies of them."""
     fs = Lake.open(lake_uri).arrow_fs
     offsets = table.offsets
 
-    def read(index: int) -> tuple[np.ndarray, np.ndarray]:
+    def read(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         part = pq.read_table(table.paths[index], columns=["embedding", "views"], filesystem=fs)
-        clean = list_to_numpy(part.column("embedding"), table.dim)
-        views = list_to_numpy(part.column("views"), len(part.column("views")[0]), table.dim)
-        return np.concatenate([clean[:, None], views], axis=1), offsets[index] + np.arange(part.num_rows)
+        clean = list_to_numpy(part.column("embedding"), table.dim, copy=False)  # copied once, into the run
+        views = list_to_numpy(part.column("views"), len(part.column("views")[0]), table.dim, copy=False)
+        return clean, views, offsets[index] + np.arange(part.num_rows)
 
-    held: list[tuple[np.ndarray, np.ndarray]] = []
     with ThreadPoolExecutor(READ_AHEAD) as pool:
-        for part in read_ahead(pool, read, files):
-            held.append(part)
-            if sum(len(rows) for _, rows in held) >= BUFFER_ROWS:
-                yield shuffled(held, rng)
-                held = []
-        if held:
-            yield shuffled(held, rng)
+        parts = read_ahead(pool, read, files)
+        for run in buffer_runs(files, table.rows):
+            yield scattered(itertools.islice(parts, len(run)), sum(table.rows[i] for i in run), rng)
+
+
+def buffer_runs(files: np.ndarray, rows: tuple[int, ...]) -> list[np.ndarray]:
+    """The files in consecutive groups of BUFFER_ROWS rows or more (the last may hold fewer)."""
+    runs, first, held = [], 0, 0
+    for position, index in enumerate(files):
+        held += rows[index]
+        if held >= BUFFER_ROWS:
+            runs.append(files[first:position + 1])
+            first, held = position + 1, 0
+    return runs + [files[first:]] if first < len(files) else runs
 
 
 def read_ahead(pool: ThreadPoolExecutor, read, files: np.ndarray) -> Iterator:
@@ -102,6 +121,15 @@ def read_ahead(pool: ThreadPoolExecutor, read, files: np.ndarray) -> Iterator:
         yield future.result()
 
 
-def shuffled(parts: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    order = rng.permutation(sum(len(rows) for _, rows in parts))
-    return np.concatenate([v for v, _ in parts])[order], np.concatenate([r for _, r in parts])[order]
+def scattered(parts: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One buffer of the parts' ``size`` rows, clean view first, each row at a random place."""
+    places, filled = rng.permutation(size), 0
+    views, rows = None, np.empty(size, np.int64)
+    for clean, augmented, numbers in parts:
+        if views is None:
+            views = np.empty((size, 1 + augmented.shape[1], clean.shape[1]), clean.dtype)
+        where = places[filled:filled + len(numbers)]
+        views[where, 0], views[where, 1:], rows[where] = clean, augmented, numbers
+        filled += len(numbers)
+    return views, rows

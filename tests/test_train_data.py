@@ -8,7 +8,8 @@ import torch
 
 from rayclust.lake import FEATURES
 from rayclust.neighbours import table_rows
-from rayclust.train_data import feature_batches, plan_epoch
+from rayclust import train_data
+from rayclust.train_data import buffer_runs, cut_batches, feature_batches, plan_epoch
 
 from test_neighbours import DIM, write_random_lake
 
@@ -51,3 +52,24 @@ def test_epochs_mix_rows_across_files_in_a_new_order_that_a_seed_repeats(table):
     assert rows_seen(table, 1, 0, 1) == epoch1
     first_batch_shards = {shard for shard, _ in epoch0[:32]}
     assert len(first_batch_shards) > 1  # rows from several files in one batch, not file by file
+
+
+def test_batches_are_cut_across_runs_with_what_a_run_leaves_short_starting_the_next():
+    runs = [(np.arange(n)[:, None] + start, np.arange(n) + start) for start, n in ((0, 70), (70, 10), (80, 45))]
+    batches = list(cut_batches(iter(runs), 32))
+    assert [len(rows) for _, rows in batches] == [32, 32, 32]  # 125 rows: 3 full batches, 29 left over
+    assert np.concatenate([rows for _, rows in batches]).tolist() == list(range(96))
+    assert all((views[:, 0] == rows).all() for views, rows in batches)
+
+
+def test_files_are_grouped_into_runs_of_at_least_the_buffer(monkeypatch):
+    monkeypatch.setattr(train_data, "BUFFER_ROWS", 500)
+    runs = buffer_runs(np.array([5, 0, 3, 1, 4, 2]), ROWS)
+    assert [run.tolist() for run in runs] == [[5, 0, 3], [1, 4], [2]]  # 510, 580, then the 400 left
+
+
+def test_a_table_larger_than_the_buffer_streams_every_row_once_an_epoch(table, monkeypatch):
+    monkeypatch.setattr(train_data, "BUFFER_ROWS", 500)  # 1,800 rows: several runs, each carrying into the next
+    seen = rows_seen(table, 0, 0, 1)
+    assert len(set(seen)) == len(seen) >= 1800 - 32
+
