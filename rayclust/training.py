@@ -12,8 +12,10 @@ written only once training has finished and its last checkpoint is complete. Run
 again with the same ``run`` name resumes from that run's last checkpoint; so does a run whose
 worker dies (Ray Train's ``FailureConfig``).
 
-This module does not import torch (a test holds it to that): importing torch costs a process
-about 260 MiB of private memory, which the driver would pay beside every worker.
+This module does not import torch (a test holds it to that), and the driver loads it only to
+check an ``--init`` file or the checkpoint a run resumes from, and, once the run has ended, to
+evaluate the model: importing torch costs a process about 260 MiB of private memory, which the
+driver would hold beside every worker.
 """
 from __future__ import annotations
 
