@@ -2,7 +2,7 @@
 
 Ray Train's ``TorchConfig`` imports torch in every process that holds it: the driver that builds
 the trainer and the Train controller that starts the backend, about 260 MiB of private memory each
-(BENCHMARKS.md, *Training memory*), as much again as the worker's own data on the benchmark table.
+(BENCHMARKS.md, *Training memory*).
 ``TorchProcessGroup`` is a ``ray.train.BackendConfig`` that joins the workers into one
 ``torch.distributed`` process group (rank 0's node and a free port of it as the rendezvous) and
 leaves it at the end, with every torch call made on the workers.
@@ -18,7 +18,6 @@ from datetime import timedelta
 from typing import Iterator
 
 import ray
-import ray.train
 from ray.exceptions import GetTimeoutError
 from ray.train import BackendConfig
 from ray.train.backend import Backend

@@ -31,7 +31,6 @@ from rayclust.train_data import feature_batches
 from rayclust.training import load_training_state
 
 
-
 class QuietTrainConsole(logging.Filter):
     """What a worker's Ray Train logger may print on the terminal: warnings and errors (Ray 2.60's
     workers print its INFO records, "Reporting training result ...", whatever LoggingConfig says),

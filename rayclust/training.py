@@ -366,13 +366,13 @@ def evaluate_checkpoint(lake: Lake, latest: dict, features: dict[str, str], qual
     """The model's predictions on the first EVAL_ROWS rows of the feature files (shard -> path):
     their cluster health and, with ``quality``, ACC/NMI/ARI beside k-means on those with a label.
     The driver holds that bounded sample only, whatever the size of the table."""
+    import torch  # once training has ended: its workers and controller are gone
+
     from rayclust.evaluation import EVAL_ROWS, compare_with_kmeans, kmeans_baseline  # scikit-learn: driver only
 
     sample = read_sample(lake, features, ["label", "embedding"], EVAL_ROWS)
     model = load_model(lake, latest)
     clean = list_to_numpy(sample.column("embedding"), len(sample.column("embedding")[0]))
-    import torch  # once training has ended: its workers and controller are gone
-
     with torch.no_grad():
         confidence, predicted = model.predict(torch.from_numpy(clean)).max(1)
     health = health_of(predicted.numpy(), confidence.numpy(), latest["clusters"],

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from rayclust import train_data
 from rayclust.lake import FEATURES
 from rayclust.neighbours import table_rows
-from rayclust import train_data
 from rayclust.train_data import buffer_runs, cut_batches, feature_batches, plan_epoch
 
 from test_neighbours import DIM, write_random_lake
@@ -72,4 +72,3 @@ def test_a_table_larger_than_the_buffer_streams_every_row_once_an_epoch(table, m
     monkeypatch.setattr(train_data, "BUFFER_ROWS", 500)  # 1,800 rows: several runs, each carrying into the next
     seen = rows_seen(table, 0, 0, 1)
     assert len(set(seen)) == len(seen) >= 1800 - 32
-
