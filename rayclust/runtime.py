@@ -27,6 +27,7 @@ DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per co
 # (importing torch, ~3 s of CPU): embed of 100 shards spent 105 of its CPU-seconds on that.
 WORKER_IDLE_KILL_MS = "60000"
 JOIN_TIMEOUT_S = 10
+_local_ray_started = False
 
 
 def init_ray() -> None:
@@ -34,6 +35,7 @@ def init_ray() -> None:
     without the dashboard: it is ten processes (about 0.8 GB of resident memory) and seconds of
     start-up, for a page that goes when the job ends; a cluster started with ``ray start`` has
     one (cluster-configs/)."""
+    global _local_ray_started
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
     verbose = os.environ.get(VERBOSE_ENV) == "1"
@@ -51,12 +53,19 @@ def init_ray() -> None:
         if not verbose:
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # its workers inherit it: see quiet_ray_data
         local_options["include_dashboard"] = False
-        local_options["runtime_env"] = {"worker_process_setup_hook": quiet_placement_group_cleaner}
+        local_options["runtime_env"] = {"worker_process_setup_hook": set_up_local_worker}
     try:
         ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True,
                  **local_options)
     except ConnectionError as exn:  # e.g. a cluster with token authentication, and no token here
         raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first_cause(exn)}") from None
+    _local_ray_started = not address
+
+
+def ray_ends_with_job() -> bool:
+    """Whether this process is connected to the local Ray that ``init_ray`` started: it stops when
+    the process ends, and everything on it with it."""
+    return _local_ray_started and ray.is_initialized()
 
 
 def first_cause(exn: BaseException) -> str:
@@ -122,14 +131,10 @@ def quiet_ray_data() -> None:
             handler.setLevel(logging.WARNING)
 
 
-def quiet_placement_group_cleaner() -> None:
-    """In each worker of a local Ray: Ray Train's placement-group cleaner asks the State API, which
-    the dashboard serves, every second whether the run's controller lives, and without a dashboard
-    it warns on each try (most of a train job's output). A local Ray ends with the job, its
-    placement groups with it, so the cleaner has nothing to do there. Its State API client finds
-    the cluster by looking for Ray's processes on the machine: with another local Ray beside this
-    one (a second job) it gives up with a traceback, so each worker names its own cluster."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def set_up_local_worker() -> None:
+    """In each worker of a local Ray. Ray's State API client (Ray Data's hang detector asks it about
+    slow tasks) finds the cluster by looking for Ray's processes on the machine: with another local
+    Ray beside this one (a second job) it gives up with a traceback, so each worker names its own."""
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     quiet_ray_data_workers()
 

@@ -1,4 +1,5 @@
-"""DDP on Ray Train with torch imported by the training workers only.
+"""DDP on Ray Train with torch imported by the training workers only, and no helper actor a run
+has no use for.
 
 Ray Train's ``TorchConfig`` imports torch in every process that holds it: the driver that builds
 the trainer and the Train controller that starts the backend, about 260 MiB of private memory each
@@ -6,6 +7,12 @@ the trainer and the Train controller that starts the backend, about 260 MiB of p
 ``TorchProcessGroup`` is a ``ray.train.BackendConfig`` that joins the workers into one
 ``torch.distributed`` process group (rank 0's node and a free port of it as the rendezvous) and
 leaves it at the end, with every torch call made on the workers.
+
+``LeanTrainer`` is Ray Train's ``DataParallelTrainer`` without two helper actors that a run may
+have no use for, each a Python process of ~120 MiB PSS (~200 MiB RSS): the dataset manager of a run
+without Ray Datasets (a feature model's workers read their table themselves, ``train_data``), and,
+on a local Ray that ends with the job, the detached placement-group cleaner, which removes a run's
+placement group if its controller dies while the cluster lives on.
 """
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ import ray
 from ray.exceptions import GetTimeoutError
 from ray.train import BackendConfig
 from ray.train.backend import Backend
+from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,23 @@ class TorchProcessGroup(BackendConfig):
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "timeout_s": self.timeout_s}
+
+
+class LeanTrainer(DataParallelTrainer):
+    """``DataParallelTrainer`` whose run starts no dataset manager without datasets and, with
+    ``ray_ends_with_job``, no placement-group cleaner."""
+
+    def __init__(self, *args, ray_ends_with_job: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ray_ends_with_job = ray_ends_with_job
+
+    def _create_default_callbacks(self) -> list:
+        return [callback for callback in super()._create_default_callbacks() if not self.idle_helper(callback)]
+
+    def idle_helper(self, callback) -> bool:
+        if isinstance(callback, DatasetsCallback):
+            return not self.datasets
+        return isinstance(callback, PlacementGroupCleanerCallback) and self.ray_ends_with_job
 
 
 class ProcessGroupBackend(Backend):

@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from rayclust.cli import ClusterRange
 from rayclust.errors import UserError
@@ -39,9 +38,9 @@ from rayclust.lake import FEATURES, MODELS, Lake, list_to_numpy, read_sample
 from rayclust.models import build_model, is_image_model, load_tensors, model_config, pretrained_state
 from rayclust.models.checkpoint import CHECKPOINT_FILE, DIGEST, digest_of, load_model
 from rayclust.neighbours import TableRows, neighbour_store, table_rows
-from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus
+from rayclust.runtime import cluster_cpus, cluster_gpus, init_ray, largest_node_cpus, ray_ends_with_job
 from rayclust.shards import ROWS_PER_BLOCK, count_images, expand_shards, read_shards
-from rayclust.torch_backend import TorchProcessGroup
+from rayclust.torch_backend import LeanTrainer, TorchProcessGroup
 from rayclust.train_data import least_rows_per_worker
 
 if TYPE_CHECKING:
@@ -223,7 +222,7 @@ def train(settings: TrainSettings) -> dict:
         "init": settings.init, "init_weights": ray.put(init) if init else None,
         "clusters_chosen": settings.clusters_chosen.as_json() if settings.clusters_chosen else None,
     }
-    trainer = DataParallelTrainer(
+    trainer = LeanTrainer(
         run_train_loop,
         train_loop_config=loop_config,
         backend_config=TorchProcessGroup("nccl" if plan.use_gpu else "gloo"),
@@ -239,6 +238,7 @@ def train(settings: TrainSettings) -> dict:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": image_training_dataset(uris, dim)} if table is None else None,
+        ray_ends_with_job=ray_ends_with_job(),
     )
     print(f"training {settings.model} run {run}: {plan.workers} worker(s), "
           f"{'GPU' if plan.use_gpu else f'{plan.cpus_per_worker} CPU each'}", flush=True)
