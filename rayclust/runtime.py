@@ -30,11 +30,13 @@ JOIN_TIMEOUT_S = 10
 _local_ray_started = False
 
 
-def init_ray() -> None:
+def init_ray(prestart_workers: bool = True) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), else start a local Ray
     without the dashboard: it is ten processes (about 0.8 GB of resident memory) and seconds of
     start-up, for a page that goes when the job ends; a cluster started with ``ray start`` has
-    one (cluster-configs/)."""
+    one (cluster-configs/). A local Ray starts one worker per CPU for the driver's tasks before
+    any is asked for; without ``prestart_workers`` it starts workers only as tasks and actors need
+    them (a training job's actors each get a process of their own: those would idle through it)."""
     global _local_ray_started
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
@@ -50,6 +52,8 @@ def init_ray() -> None:
     else:
         quiet_token_auth_notice()
         no_preemption_watcher()
+        if not prestart_workers:
+            os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         if not verbose:
             os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # its workers inherit it: see quiet_ray_data
         local_options["include_dashboard"] = False

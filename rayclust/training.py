@@ -203,7 +203,7 @@ def train(settings: TrainSettings) -> dict:
         check_pairs(table.views, settings.model, config)
         dim, rows = table.layout.dim, table.layout.rows
     init = pretrained_state(settings.init, build_model(config, dim, settings.clusters)) if settings.init else None
-    init_ray()
+    init_ray(prestart_workers=False)
     run = settings.run or f"{settings.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_resume_checkpoint(lake, run)
     plan = plan_workers(settings.workers)
