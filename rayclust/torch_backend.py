@@ -65,7 +65,7 @@ class LeanTrainer(DataParallelTrainer):
     def _create_default_callbacks(self) -> list:
         return [callback for callback in super()._create_default_callbacks() if not self.idle_helper(callback)]
 
-    def idle_helper(self, callback) -> bool:
+    def idle_helper(self, callback: object) -> bool:
         if isinstance(callback, DatasetsCallback):
             return not self.datasets
         return isinstance(callback, PlacementGroupCleanerCallback) and self.ray_ends_with_job
