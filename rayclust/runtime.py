@@ -27,6 +27,7 @@ DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per co
 # (importing torch, ~3 s of CPU): embed of 100 shards spent 105 of its CPU-seconds on that.
 WORKER_IDLE_KILL_MS = "60000"
 JOIN_TIMEOUT_S = 10
+AUTOSCALING_REQUESTS_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 _local_ray_started = False
 
 
@@ -141,6 +142,8 @@ def set_up_local_worker() -> None:
     Ray beside this one (a second job) it gives up with a traceback, so each worker names its own."""
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     quiet_ray_data_workers()
+    if os.environ.get(VERBOSE_ENV) != "1":
+        quiet_autoscaling_requests()
 
 
 def quiet_ray_data_workers() -> None:
@@ -150,6 +153,14 @@ def quiet_ray_data_workers() -> None:
     bars are off, which the job turned off on purpose (``quiet_ray_data``)."""
     warnings.filterwarnings("ignore", message=".*exclude_resources.* is deprecated", category=DeprecationWarning)
     log_once("ray_data_progress_manager_disabled")
+
+
+def quiet_autoscaling_requests() -> None:
+    """In each worker of a local Ray. Ray Train's controller registers a run's resources with its
+    autoscaling coordinator (an actor) and waits 5 s for the answer; on a machine whose cores the
+    job's own work keeps busy the answer can be late, and the controller logs a traceback that Ray
+    itself calls safe to ignore. A local Ray has no autoscaler to ask."""
+    logging.getLogger(AUTOSCALING_REQUESTS_LOGGER).setLevel(logging.ERROR)
 
 
 def quiet_token_auth_notice() -> None:
