@@ -14,6 +14,7 @@ defaults ``jobs/train.py`` ships; no run is selected by its accuracy.
     python benchmarks/quality.py --seeds 0 --variants ccmlp-no-neighbours mfavb-2-pair-contrast   # ablations
     python benchmarks/quality.py --rows 500 --variants kmeans ccmlp      # a small corpus, default flags
     python benchmarks/quality.py --views 0 --variants ccmlp mfavb-2     # no augmented views: neighbours only
+    python benchmarks/quality.py --features /tmp/digits-effnet.npz --variants kmeans ccmlp   # another set (feature_sets.py)
 
 Goals (issue 3): MFAVB ACC >= k-means ACC + 0.15 (k-means: 0.462); MFAVB >= CC-MLP; one MFAVB
 run <= 10 minutes on the 2-core machine.
@@ -63,8 +64,9 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
 ROWS_PER_SHARD = 1000
 
 
-def build_lake(lake_uri: str, rows: int | None = None, views: int = 3) -> tuple[dict[str, int], np.ndarray]:
-    """The npz (or a random ``rows`` of it, the same for every seed) as a feature table of 1,000-row
+def build_lake(lake_uri: str, features: Path = CIFAR_FEATURES, rows: int | None = None, views: int = 3
+               ) -> tuple[dict[str, int], np.ndarray]:
+    """The ``features`` npz (or a random ``rows`` of it, the same for every seed) as a feature table of 1,000-row
     shards with the first ``views`` augmented views (as ``jobs/embed.py --views``); returns key ->
     true label, and the clean features."""
     import numpy as np
@@ -72,7 +74,7 @@ def build_lake(lake_uri: str, rows: int | None = None, views: int = 3) -> tuple[
     from rayclust.features import write_feature_arrays
     from rayclust.lake import Lake
 
-    data = dict(np.load(CIFAR_FEATURES))
+    data = dict(np.load(features))
     data["views"] = data["views"][:, :views]
     if rows:
         chosen = np.sort(np.random.default_rng(0).permutation(len(data["keys"]))[:rows])
@@ -80,13 +82,13 @@ def build_lake(lake_uri: str, rows: int | None = None, views: int = 3) -> tuple[
     lake = Lake.open(lake_uri)
     for start in range(0, len(data["keys"]), ROWS_PER_SHARD):
         part = slice(start, start + ROWS_PER_SHARD)
-        write_feature_arrays(lake, f"cifar-{start // ROWS_PER_SHARD:02d}", data["keys"][part], data["labels"][part],
-                             data["clean"][part], data["views"][part], "effnet-lite0")
+        write_feature_arrays(lake, f"{features.stem}-{start // ROWS_PER_SHARD:02d}", data["keys"][part],
+                             data["labels"][part], data["clean"][part], data["views"][part], "effnet-lite0")
     return dict(zip(data["keys"].tolist(), data["labels"].tolist())), data["clean"].astype(np.float32)
 
 
 def label_quality(lake_uri: str, truth: dict[str, int]) -> dict[str, float]:
-    """ACC/NMI/ARI of the labels table the infer stage wrote, against the CIFAR labels."""
+    """ACC/NMI/ARI of the labels table the infer stage wrote, against the true labels."""
     import numpy as np
     import pyarrow.dataset as pads
 
@@ -103,13 +105,14 @@ def label_quality(lake_uri: str, truth: dict[str, int]) -> dict[str, float]:
     return {**metrics, "confidence": float(np.mean(table_.column("confidence").to_numpy()))}
 
 
-def run_variant(lake_uri: str, name: str, seed: int, epochs: int | None, truth: dict[str, int]) -> dict:
+def run_variant(lake_uri: str, name: str, seed: int, epochs: int | None, truth: dict[str, int],
+                clusters: int) -> dict:
     from rayclust.labels import infer
     from rayclust.training import TrainSettings, train
 
     model, overrides = {**VARIANTS, **ABLATIONS}[name]
     started = time.perf_counter()
-    latest = train(TrainSettings(lake_uri, model, clusters=10, epochs=epochs, run=f"{name}-seed{seed}", seed=seed,
+    latest = train(TrainSettings(lake_uri, model, clusters=clusters, epochs=epochs, run=f"{name}-seed{seed}", seed=seed,
                                  overrides=overrides, evaluate=False))
     trained = time.perf_counter()
     infer(lake_uri, evaluate=False)
@@ -118,11 +121,11 @@ def run_variant(lake_uri: str, name: str, seed: int, epochs: int | None, truth: 
             "refilled": latest["metrics"].get("refilled_clusters", 0)}
 
 
-def kmeans_row(clean, truth_labels, seed: int) -> dict:
+def kmeans_row(clean, truth_labels, seed: int, clusters: int) -> dict:
     from rayclust.evaluation import cluster_metrics, kmeans_labels
 
     started = time.perf_counter()
-    metrics = cluster_metrics(truth_labels, kmeans_labels(clean, 10, seed=seed))
+    metrics = cluster_metrics(truth_labels, kmeans_labels(clean, clusters, seed=seed))
     return {**metrics, "train_s": time.perf_counter() - started, "infer_s": 0.0}
 
 
@@ -159,11 +162,14 @@ def main() -> None:
                         help="a random subset of this many images (a small corpus; default: all 10,000)")
     parser.add_argument("--views", type=int, default=3, choices=[0, 1, 2, 3],
                         help="augmented views per image in the table (0: clean embeddings and neighbours only)")
+    parser.add_argument("--features", type=Path, default=CIFAR_FEATURES,
+                        help="an npz of keys, labels, clean [N, D] and views [N, V, D] (default: CIFAR-10's; "
+                             "others: feature_sets.py); K is its number of classes")
     parser.add_argument("--pyramid-epochs", type=int, default=0, help="also train the pyramid model (0: skip)")
     args = parser.parse_args()
-    if not CIFAR_FEATURES.is_file():
-        raise SystemExit(f"missing {CIFAR_FEATURES}: the benchmark needs shared/data")
-    header("Clustering quality on CIFAR-10 test (EfficientNet-Lite0 features), through train + infer")
+    if not args.features.is_file():
+        raise SystemExit(f"missing {args.features}: the CIFAR-10 features are in shared/data")
+    header(f"Clustering quality on {args.features.name}, through train + infer")
 
     import numpy as np
 
@@ -171,14 +177,15 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="rayclust-quality-") as lake:
-        truth, clean = build_lake(lake, args.rows, args.views)
+        truth, clean = build_lake(lake, args.features, args.rows, args.views)
         truth_labels = np.array(list(truth.values()))
+        clusters = len(np.unique(truth_labels))
         init_ray()
         for name in args.variants:
             runs = []
             for seed in args.seeds:
-                run = kmeans_row(clean, truth_labels, seed) if name == "kmeans" else \
-                    run_variant(lake, name, seed, args.epochs, truth)
+                run = kmeans_row(clean, truth_labels, seed, clusters) if name == "kmeans" else \
+                    run_variant(lake, name, seed, args.epochs, truth, clusters)
                 print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True)
                 runs.append(run)
             rows.append(summarise(name, runs))
