@@ -213,7 +213,8 @@ def train(settings: TrainSettings) -> dict:
     neighbours = feature_neighbours(lake, table, config.get("neighbours", 0)) if table is not None else None
     loop_config = {
         "model_config": config, "feature_dim": dim, "clusters": settings.clusters,
-        "epochs": settings.epochs or config["epochs"], "self_label_epochs": self_label_epochs,
+        "epochs": contrastive_epochs(settings, config, rows, batch_size, plan.workers),
+        "self_label_epochs": self_label_epochs,
         "batch_size": batch_size,
         "seed": settings.seed, "threads": plan.threads, "run": run,
         "lake": lake.uri, "table": None if table is None else table.layout, "neighbours": neighbours,
@@ -303,6 +304,22 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: tuple[int, 
         print(f"batch size {requested} -> {fitted} per worker: the feature table has {sum(rows)} rows "
               f"for {workers} worker(s)", flush=True)
     return fitted
+
+
+def contrastive_epochs(settings: TrainSettings, config: dict, rows: tuple[int, ...] | None, batch_size: int,
+                       workers: int) -> int:
+    """The settings' contrastive epochs, else the model config's, raised for a small feature table
+    until they make the config's ``min_steps`` optimizer steps (a table's steps an epoch shrink with
+    it, and a contrastive head learns per step, not per pass over the rows)."""
+    epochs, min_steps = settings.epochs or config["epochs"], config.get("min_steps", 0)
+    if settings.epochs or rows is None or not min_steps:
+        return epochs
+    steps = least_rows_per_worker(rows, workers) // batch_size  # the fewest an epoch's deal can make
+    raised = max(epochs, -(-min_steps // steps))
+    if raised > epochs:
+        print(f"contrastive epochs {epochs} -> {raised}: {steps} steps an epoch on {sum(rows):,} rows, "
+              f"at least {min_steps} steps in all", flush=True)
+    return raised
 
 
 def check_enough_images(uris: list[str], batch_size: int, workers: int) -> None:

@@ -20,7 +20,7 @@ from rayclust.lake import FEATURES, LABELS, MODELS, Lake
 from rayclust.models import model_config
 from rayclust.models.checkpoint import load_model
 from rayclust.synthetic import write_synthetic_shards
-from rayclust.training import TrainSettings, evaluate_checkpoint, fit_batch_size, train
+from rayclust.training import TrainSettings, contrastive_epochs, evaluate_checkpoint, fit_batch_size, train
 
 from conftest import (RAY_PROCESS, REPO, job_command, job_env, job_lines, kill, recorded_epochs, run_train_job,
                       wait_until, write_digits_feature_lake)
@@ -137,6 +137,19 @@ def test_batch_fits_the_table(batch, explicit, rows, workers, clusters, fitted):
 def test_a_batch_that_cannot_fit_is_refused(batch, explicit, rows, workers, clusters, phrase):
     with pytest.raises(UserError, match=phrase):
         fit_batch_size(batch, explicit, rows, workers, clusters)
+
+
+@pytest.mark.parametrize("epochs, rows, batch, workers, trained", [
+    (None, (1000,) * 10, 256, 1, 10),  # the benchmark's 10,000 rows: 39 steps an epoch, 390 in 10
+    (None, (1000, 797), 256, 1, 56),  # the 1,797 digits: 7 steps an epoch
+    (None, (1000, 797), 256, 2, 130),  # two workers: the deal may give one only the 797-row file, 3 steps
+    (None, (500,), 125, 1, 98),  # 4 steps an epoch
+    (3, (1000, 797), 256, 1, 3),  # epochs the user asked for are trained as asked
+    (None, None, 64, 1, 10),  # an image model: its images are not counted
+])
+def test_a_small_table_trains_the_default_models_least_steps(epochs, rows, batch, workers, trained):
+    settings = TrainSettings("lake", "ccmlp", epochs=epochs)
+    assert contrastive_epochs(settings, model_config("ccmlp"), rows, batch, workers) == trained
 
 
 @pytest.mark.slow

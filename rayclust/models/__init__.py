@@ -21,7 +21,7 @@ MODEL_CLASSES = {"ccmlp": "rayclust.models.ccmlp:CCMLP", "mfavb": "rayclust.mode
                  "pretrained-pyramid": "rayclust.models.pyramid:PretrainedPyramid",
                  "temi": "rayclust.models.temi:TEMI"}
 TRAINING_KEYS = (  # the recipe, not the network
-    "lr", "backbone_lr", "weight_decay", "neighbours", "epochs", "batch_size", "self_label_epochs",
+    "lr", "backbone_lr", "weight_decay", "neighbours", "epochs", "min_steps", "batch_size", "self_label_epochs",
     "self_label_threshold", "warm_start_images", "warm_start_rows", "warm_start_clusters",
 )
 
