@@ -1,7 +1,8 @@
 """Labelled feature sets other than CIFAR-10, as npz files for ``quality.py --features``: the
 check that a recipe's gain over k-means holds on data its choices were not measured on (issue 13).
 
-Each file holds ``keys``, ``labels``, ``clean`` [N, D] and ``views`` [N, V, D], as the CIFAR-10 one.
+Each file holds ``keys``, ``labels``, ``clean`` [N, D] and ``views`` [N, V, D], as the CIFAR-10 one, and
+the ``encoder`` that made them (the infer job names clusters with an encoder it knows, numbers them otherwise).
 
     python benchmarks/feature_sets.py --lake demo-lake/lake --out /tmp/digits-effnet.npz   # after `make demo`
     python benchmarks/feature_sets.py --digits-pixels --out /tmp/digits-pixels.npz
@@ -29,13 +30,14 @@ def lake_features(lake_uri: str) -> dict[str, np.ndarray]:
 
     lake = Lake.open(lake_uri)
     table = pads.dataset(lake.path(FEATURES), filesystem=lake.arrow_fs, partitioning="hive").to_table(
-        columns=["key", "label", "embedding", "views"], filter=pads.field("label") >= 0).sort_by("key")
+        columns=["key", "label", "embedding", "views", "encoder"], filter=pads.field("label") >= 0).sort_by("key")
     if table.num_rows == 0:
         raise SystemExit(f"no labelled rows in the feature table of {lake_uri}")
     return {"keys": np.array(table.column("key").to_pylist()),
             "labels": table.column("label").to_numpy().astype(np.int16),
             "clean": np.array(table.column("embedding").to_pylist(), np.float16),
-            "views": np.array(table.column("views").to_pylist(), np.float16)}
+            "views": np.array(table.column("views").to_pylist(), np.float16),
+            "encoder": np.array(table.column("encoder")[0].as_py())}
 
 
 def digits_pixels() -> dict[str, np.ndarray]:
@@ -45,7 +47,7 @@ def digits_pixels() -> dict[str, np.ndarray]:
     pixels = digits.data.astype(np.float16)
     return {"keys": np.array([f"digit-{i:05d}" for i in range(len(pixels))]),
             "labels": digits.target.astype(np.int16), "clean": pixels,
-            "views": np.zeros((len(pixels), 0, pixels.shape[1]), np.float16)}
+            "views": np.zeros((len(pixels), 0, pixels.shape[1]), np.float16), "encoder": np.array("digit-pixels")}
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ def build_lake(lake_uri: str, features: Path = CIFAR_FEATURES, rows: int | None 
     from rayclust.lake import Lake
 
     data = dict(np.load(features))
+    encoder = str(data.pop("encoder", "effnet-lite0"))  # infer names clusters with an encoder it knows
     data["views"] = data["views"][:, :views]
     if rows:
         chosen = np.sort(np.random.default_rng(0).permutation(len(data["keys"]))[:rows])
@@ -83,7 +84,7 @@ def build_lake(lake_uri: str, features: Path = CIFAR_FEATURES, rows: int | None 
     for start in range(0, len(data["keys"]), ROWS_PER_SHARD):
         part = slice(start, start + ROWS_PER_SHARD)
         write_feature_arrays(lake, f"{features.stem}-{start // ROWS_PER_SHARD:02d}", data["keys"][part],
-                             data["labels"][part], data["clean"][part], data["views"][part], "effnet-lite0")
+                             data["labels"][part], data["clean"][part], data["views"][part], encoder)
     return dict(zip(data["keys"].tolist(), data["labels"].tolist())), data["clean"].astype(np.float32)
 
 
@@ -163,7 +164,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=3, choices=[0, 1, 2, 3],
                         help="augmented views per image in the table (0: clean embeddings and neighbours only)")
     parser.add_argument("--features", type=Path, default=CIFAR_FEATURES,
-                        help="an npz of keys, labels, clean [N, D] and views [N, V, D] (default: CIFAR-10's; "
+                        help="an npz of keys, labels, clean [N, D], views [N, V, D] and optionally the encoder's "
+                             "name (default: CIFAR-10's; "
                              "others: feature_sets.py); K is its number of classes")
     parser.add_argument("--pyramid-epochs", type=int, default=0, help="also train the pyramid model (0: skip)")
     args = parser.parse_args()
