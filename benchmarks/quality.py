@@ -14,7 +14,7 @@ defaults ``jobs/train.py`` ships; no run is selected by its accuracy.
     python benchmarks/quality.py --seeds 0 --variants ccmlp-no-neighbours mfavb-2-pair-contrast   # ablations
     python benchmarks/quality.py --rows 500 --variants kmeans ccmlp      # a small corpus, default flags
     python benchmarks/quality.py --views 0 --variants ccmlp mfavb-2     # no augmented views: neighbours only
-    python benchmarks/quality.py --features /tmp/digits-effnet.npz --variants kmeans ccmlp   # another set (feature_sets.py)
+    python benchmarks/quality.py --features /tmp/digits-effnet.npz --variants kmeans ccmlp  # feature_sets.py
 
 Goals (issue 3): MFAVB ACC >= k-means ACC + 0.15 (k-means: 0.462); MFAVB >= CC-MLP; one MFAVB
 run <= 10 minutes on the 2-core machine.
