@@ -26,17 +26,18 @@ def lake_features(lake_uri: str) -> dict[str, np.ndarray]:
     """The feature table's labelled rows (``label`` >= 0), ordered by key."""
     import pyarrow.dataset as pads
 
-    from rayclust.lake import FEATURES, Lake
+    from rayclust.lake import FEATURES, Lake, list_to_numpy
 
     lake = Lake.open(lake_uri)
     table = pads.dataset(lake.path(FEATURES), filesystem=lake.arrow_fs, partitioning="hive").to_table(
         columns=["key", "label", "embedding", "views", "encoder"], filter=pads.field("label") >= 0).sort_by("key")
     if table.num_rows == 0:
         raise SystemExit(f"no labelled rows in the feature table of {lake_uri}")
+    dim, views = len(table.column("embedding")[0]), len(table.column("views")[0])
     return {"keys": np.array(table.column("key").to_pylist()),
             "labels": table.column("label").to_numpy().astype(np.int16),
-            "clean": np.array(table.column("embedding").to_pylist(), np.float16),
-            "views": np.array(table.column("views").to_pylist(), np.float16),
+            "clean": list_to_numpy(table.column("embedding"), dim).astype(np.float16),
+            "views": list_to_numpy(table.column("views"), views, dim).astype(np.float16),
             "encoder": np.array(table.column("encoder")[0].as_py())}
 
 
