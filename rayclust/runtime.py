@@ -41,7 +41,7 @@ def init_ray(prestart_workers: bool = True) -> None:
     global _local_ray_started
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
-    verbose = os.environ.get(VERBOSE_ENV) == "1"
+    verbose = ray_logs_wanted()
     if not verbose:
         quiet_ray_data()
     if ray.is_initialized():
@@ -136,13 +136,18 @@ def quiet_ray_data() -> None:
             handler.setLevel(logging.WARNING)
 
 
+def ray_logs_wanted() -> bool:
+    """``--verbose`` (the job sets VERBOSE_ENV; a local Ray's workers inherit it)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 def set_up_local_worker() -> None:
     """In each worker of a local Ray. Ray's State API client (Ray Data's hang detector asks it about
     slow tasks) finds the cluster by looking for Ray's processes on the machine: with another local
     Ray beside this one (a second job) it gives up with a traceback, so each worker names its own."""
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     quiet_ray_data_workers()
-    if os.environ.get(VERBOSE_ENV) != "1":
+    if not ray_logs_wanted():
         quiet_autoscaling_requests()
 
 
