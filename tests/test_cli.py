@@ -127,6 +127,22 @@ def test_an_address_where_no_ray_listens_is_one_line(tmp_path):
     assert f"no Ray cluster answers at RAY_ADDRESS={address}" in lines[0], lines[0]
 
 
+def test_a_local_ray_that_cannot_start_is_one_line(tmp_path):
+    """No RAY_ADDRESS, so the job starts a local Ray: here its temporary folder lies under a file, which
+    fails at once; a raylet too slow to register on a busy machine fails in the same place, after 30 s."""
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(b"")
+    (tmp_path / "a-file").write_text("")
+    run = subprocess.run([sys.executable, str(JOBS / "embed.py"), "--shards", str(shard), "--lake",
+                          str(tmp_path / "lake"), "--encoder", TINY_ENCODER],
+                         env={**job_env(), "RAY_TMPDIR": str(tmp_path / "a-file" / "ray")}, capture_output=True,
+                         text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("error: could not start a local Ray"), lines[0]
+    assert "NotADirectoryError" in lines[0], lines[0]
+
+
 def job_flags(name: str) -> set[str]:
     parser = importlib.import_module(JOBS_BY_NAME[name]).build_parser()
     return {flag for action in parser._actions for flag in action.option_strings}
