@@ -59,6 +59,7 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "ccmlp-no-self-label": ("ccmlp", {"self_label_epochs": 0}),
     "mfavb-2-no-self-label": ("mfavb", {"blocks": 2, "self_label_epochs": 0}),
     "ccmlp-one-cluster-head": ("ccmlp", {"cluster_heads": 1}),
+    "ccmlp-demo-flags": ("ccmlp", {"epochs": 30, "batch_size": 128}),  # what rayclust/demo.py passed until 2026-12-01
     "mfavb-2-one-cluster-head": ("mfavb", {"blocks": 2, "cluster_heads": 1}),
 }
 ROWS_PER_SHARD = 1000
