@@ -1,6 +1,6 @@
 """Labels become cluster descriptions: each cluster's centre, size, mean confidence and names.
 
-``LAKE/clusters/<model_version>.parquet`` (e.g. ``clusters/demo/epoch-35.parquet``), one row per
+``LAKE/clusters/<model_version>.parquet`` (e.g. ``clusters/demo/epoch-61.parquet``), one row per
 cluster: ``cluster, model_version, size, mean_confidence, name, top_names`` (a list of
 ``{name, score}``, best first) and ``centre`` (unit vector in the encoder's space).
 

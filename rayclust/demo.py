@@ -39,7 +39,7 @@ def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def run_demo(workdir: Path, epochs: int = 30) -> None:
+def run_demo(workdir: Path, epochs: int | None = None) -> None:
     started = time.time()
     shutil.rmtree(workdir, ignore_errors=True)
     step("1/6 real images: scikit-learn digits as PNG files")
@@ -52,7 +52,7 @@ def run_demo(workdir: Path, epochs: int = 30) -> None:
     step(f"3/6 embed with {DEMO_ENCODER} (ImageNet-pretrained, offline)")
     print(embed(str(workdir / "shards" / "digits-*.tar"), lake, DEMO_ENCODER, views=2, batch_size=64), flush=True)
     step("4/6 train the default model with Ray Train")
-    train(TrainSettings(lake, clusters=10, epochs=epochs, batch_size=128, run="demo"))
+    train(TrainSettings(lake, clusters=10, epochs=epochs, run="demo"))
     step("5/6 infer: labels written to the lake")
     infer(lake)
     step("6/6 report: what each cluster holds")
