@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Sequence
 
 
 def free_port_pair() -> int:
@@ -31,19 +31,19 @@ def free_port_pair() -> int:
     raise RuntimeError("no free pair of local ports")
 
 
-def free_ports_apart(count: int, taken: Iterable[int] = ()) -> list[int]:
+def free_ports_apart(count: int, taken: Sequence[int] = ()) -> list[int]:
     """``count`` ports from ``free_port_pair`` that are neither one another's nor ``taken``'s gRPC port
     (P + 10000): each is free when drawn, so independent draws can give one server's port to another's
     gRPC twin, which ``weed mini`` refuses ("reserved for gRPC calculation")."""
     blocked = {twin for port in taken for twin in (port, port + 10000)}
     ports: list[int] = []
     for _ in range(100 * count):
-        if len(ports) == count:
-            return ports
         port = free_port_pair()
         if port not in blocked and port + 10000 not in blocked:
             ports.append(port)
             blocked |= {port, port + 10000}
+            if len(ports) == count:
+                return ports
     raise RuntimeError(f"no {count} free local ports apart from {sorted(taken)} and their gRPC ports")
 
 
