@@ -62,13 +62,13 @@ def init_ray(prestart_workers: bool = True) -> None:
     try:
         ray.init(address=address, logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True,
                  **local_options)
-    except ConnectionError as exn:  # e.g. a cluster with token authentication, and no token here
-        raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first_cause(exn)}") from None
-    except Exception as exn:  # e.g. a raylet that did not register within Ray's 30 s on an overloaded machine
-        if address:
-            raise
-        raise UserError(f"could not start a local Ray (RAY_ADDRESS joins a running cluster instead): "
-                        f"{type(exn).__name__}: {first_cause(exn)}") from None
+    except Exception as exn:
+        if not address:  # e.g. a raylet that did not register within Ray's 30 s on an overloaded machine
+            raise UserError(f"could not start a local Ray (RAY_ADDRESS joins a running cluster instead): "
+                            f"{type(exn).__name__}: {first_cause(exn)}") from None
+        if isinstance(exn, ConnectionError):  # e.g. a cluster with token authentication, and no token here
+            raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first_cause(exn)}") from None
+        raise
     _local_ray_started = not address
 
 

@@ -112,16 +112,21 @@ def test_mistakes_leave_no_lake_behind(results):
     assert not (results["root"] / "no-such-lake").exists()
 
 
+def embed_until_ray_starts(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The embed job with valid flags (one empty shard), so it goes on to ``init_ray``."""
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(b"")
+    return subprocess.run([sys.executable, str(JOBS / "embed.py"), "--shards", str(shard), "--lake",
+                           str(tmp_path / "lake"), "--encoder", TINY_ENCODER],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_an_address_where_no_ray_listens_is_one_line(tmp_path):
-    """Valid flags, so the job goes on to join the cluster; ``ray.init`` alone would wait for ever."""
+    """``ray.init`` alone would wait for ever."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
-    shard = tmp_path / "shard-000000.tar"
-    shard.write_bytes(b"")
-    run = subprocess.run([sys.executable, str(JOBS / "embed.py"), "--shards", str(shard), "--lake",
-                          str(tmp_path / "lake"), "--encoder", TINY_ENCODER],
-                         env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120)
+    run = embed_until_ray_starts(tmp_path, {**os.environ, "RAY_ADDRESS": address})
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 1, run.stderr
     assert f"no Ray cluster answers at RAY_ADDRESS={address}" in lines[0], lines[0]
@@ -130,13 +135,8 @@ def test_an_address_where_no_ray_listens_is_one_line(tmp_path):
 def test_a_local_ray_that_cannot_start_is_one_line(tmp_path):
     """No RAY_ADDRESS, so the job starts a local Ray: here its temporary folder lies under a file, which
     fails at once; a raylet too slow to register on a busy machine fails in the same place, after 30 s."""
-    shard = tmp_path / "shard-000000.tar"
-    shard.write_bytes(b"")
     (tmp_path / "a-file").write_text("")
-    run = subprocess.run([sys.executable, str(JOBS / "embed.py"), "--shards", str(shard), "--lake",
-                          str(tmp_path / "lake"), "--encoder", TINY_ENCODER],
-                         env={**job_env(), "RAY_TMPDIR": str(tmp_path / "a-file" / "ray")}, capture_output=True,
-                         text=True, timeout=120)
+    run = embed_until_ray_starts(tmp_path, {**job_env(), "RAY_TMPDIR": str(tmp_path / "a-file" / "ray")})
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 1, run.stderr
     assert lines[0].startswith("error: could not start a local Ray"), lines[0]
