@@ -145,7 +145,7 @@ def label_counts(lake: Lake, label_files: list[str], clusters: int) -> LabelCoun
     size. (Files written before ``duplicate_of`` existed read it as null.)"""
     import ray
 
-    rows = ray.data.read_parquet(label_files, filesystem=lake.arrow_fs, columns=list(COUNTED_COLUMNS))
+    rows = ray.data.read_parquet(label_files, filesystem=lake.arrow_fs).select_columns(list(COUNTED_COLUMNS))
     per_block = rows.map_batches(block_counts, batch_size=None, batch_format="pyarrow",
                                  fn_kwargs={"clusters": clusters})
     sizes, confidence, duplicates = np.zeros(clusters, np.int64), np.zeros(clusters), np.zeros(clusters, np.int64)

@@ -1,5 +1,6 @@
 """rayclust.duplicates: the in-cluster search on arrays, large clusters cut into buckets, and the
-pass over a lake with a cut cluster (the pass on S3 after a real infer: tests/test_lake.py)."""
+pass over a lake with a cut cluster (the pass on S3 after a real infer: tests/test_lake.py), and the
+clusters' duplicate counts over label files written before and after ``duplicate_of`` existed."""
 from __future__ import annotations
 
 import datetime
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_digits_feature_lake
-from rayclust.clusters import unit_rows
+from rayclust.clusters import label_counts, unit_rows
 from rayclust.duplicates import (DUPLICATE_OF, Buckets, cluster_buckets, duplicates_in_cluster, find_duplicates,
                                  more_typical_duplicates)
 from rayclust.lake import FEATURES, LABELS
@@ -114,3 +115,25 @@ def test_a_cut_cluster_finds_the_pairs_each_bucket_holds(ray_session, digits_fea
         expected.update({members[i][0]: members[j][0] for i, j in enumerate(found_here) if j >= 0})
     assert len(rows) == len(data["keys"]) and found == expected
     assert all(f"digit-copy-{i:05d}" in found or f"digit-{i:05d}" in found for i in range(copies))
+
+
+@pytest.mark.slow
+def test_cluster_counts_read_label_files_from_before_duplicates_were_marked(ray_session, digits_features, tmp_path):
+    """A lake labelled before ``duplicate_of`` existed keeps those files until a shard is relabelled:
+    the clusters' counts read them as marking no duplicate, beside newer files that do."""
+    lake = write_digits_feature_lake(digits_features, str(tmp_path / "lake"), shards=2)
+    clusters = digits_features["labels"]
+    older, newer = digits_label_files(lake, digits_features, clusters).values()
+    pq.write_table(pq.read_table(older, filesystem=lake.arrow_fs).drop_columns([DUPLICATE_OF]), older,
+                   filesystem=lake.arrow_fs)
+    table = pq.read_table(newer, filesystem=lake.arrow_fs)
+    marked = np.arange(table.num_rows) % 3 == 0
+    marks = pa.array(np.where(marked, "digit-00000", None), pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index(DUPLICATE_OF), DUPLICATE_OF, marks), newer,
+                   filesystem=lake.arrow_fs)
+    newer_clusters = pq.read_table(newer, columns=["cluster"], filesystem=lake.arrow_fs).column("cluster").to_numpy()
+    for files in ([older, newer], [newer, older]):  # either first: the first file read sets what Ray Data expects
+        counts = label_counts(lake, files, 10)
+        assert counts.sizes.tolist() == np.bincount(clusters, minlength=10).tolist()
+        assert counts.duplicates.tolist() == np.bincount(newer_clusters[marked], minlength=10).tolist()
+        assert counts.duplicates.sum() > 0 and np.allclose(counts.confidence, 1.0)
