@@ -28,7 +28,7 @@ DECODE_CPUS = 0.5  # PIL work with waits on I/O between images: two tasks per co
 WORKER_IDLE_KILL_MS = "60000"
 JOIN_TIMEOUT_S = 10
 AUTOSCALING_REQUESTS_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
-_local_ray_started = False
+_local_ray_node: str | None = None  # the node of the local Ray init_ray started, if it did
 
 
 def init_ray(prestart_workers: bool = True) -> None:
@@ -38,7 +38,7 @@ def init_ray(prestart_workers: bool = True) -> None:
     one (cluster-configs/). A local Ray starts one worker per CPU for the driver's tasks before
     any is asked for; without ``prestart_workers`` it starts workers only as tasks and actors need
     them (a training job's actors each get a process of their own: those would idle through it)."""
-    global _local_ray_started
+    global _local_ray_node
     leave_retries_to_the_store_clients()
     hide_store_outage_tracebacks()
     verbose = ray_logs_wanted()
@@ -69,13 +69,13 @@ def init_ray(prestart_workers: bool = True) -> None:
         if isinstance(exn, ConnectionError):  # e.g. a cluster with token authentication, and no token here
             raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first_cause(exn)}") from None
         raise
-    _local_ray_started = not address
+    _local_ray_node = None if address else ray.get_runtime_context().get_node_id()
 
 
 def ray_ends_with_job() -> bool:
     """Whether this process is connected to the local Ray that ``init_ray`` started: it stops when
-    the process ends, and everything on it with it."""
-    return _local_ray_started and ray.is_initialized()
+    the process ends, and everything on it with it. (Not to a Ray joined after that one was shut down.)"""
+    return ray.is_initialized() and ray.get_runtime_context().get_node_id() == _local_ray_node
 
 
 def first_cause(exn: BaseException) -> str:

@@ -41,8 +41,20 @@ def test_a_local_ray_without_prestarted_workers_ends_with_the_job():
     assert stopped == {"after_shutdown": False}
 
 
-def test_a_ray_this_process_did_not_start_does_not_end_with_it(ray_session):
+@pytest.mark.slow
+def test_a_ray_this_process_did_not_start_does_not_end_with_it():
+    """Not even once a Ray it started has ended (a test module's before this one, in this process):
+    a job must not take down a cluster it joined."""
+    import ray
+
     from rayclust.runtime import init_ray, ray_ends_with_job
 
-    init_ray()  # joins the Ray already there, as a job's second stage does
-    assert ray_session.is_initialized() and not ray_ends_with_job()
+    init_ray()
+    started = ray_ends_with_job()
+    ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        init_ray()  # joins the Ray already there, as a job's second stage does
+        assert started and ray.is_initialized() and not ray_ends_with_job()
+    finally:
+        ray.shutdown()
