@@ -1,10 +1,11 @@
-"""Read a local lake with Spark (local mode) and print what the tests check, as one JSON line.
+"""Read local lakes with Spark (local mode) and print what the tests check, as one JSON line: each
+lake's path -> what Spark saw there. One process for every lake: a JVM costs ~20 s of CPU to start.
 
 Run as its own process by tests/test_refresh.py: a JVM started inside the test process, beside
 that process's Ray driver, was followed each time by the driver losing its GCS subscription
 (an actor never reported alive, or a fatal check in Ray's subscriber), so Spark stays out of it.
 
-    python tests/spark_read_lake.py LAKE_PATH
+    python tests/spark_read_lake.py LAKE_PATH [LAKE_PATH ...]
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def main() -> None:
              .config("spark.ui.enabled", "false").config("spark.sql.session.timeZone", "UTC")
              .getOrCreate())
     try:
-        print(json.dumps(describe(spark, sys.argv[1])))
+        print(json.dumps({lake: describe(spark, lake) for lake in sys.argv[1:]}))
     finally:
         spark.stop()
 

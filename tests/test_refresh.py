@@ -406,8 +406,11 @@ def test_duckdb_joins_labels_and_features_on_s3(s3_refreshed):
 
 
 @pytest.fixture(scope="module")
-def spark():
-    """A function that reads a local lake with Spark in a process of its own (tests/spark_read_lake.py)."""
+def spark_seen(incremental, s3_refreshed, tmp_path_factory) -> dict:
+    """What Spark saw of the local lake (``local``) and of the bucket's (``bucket``), read in one Spark
+    process of its own (tests/spark_read_lake.py). Spark's own S3 connector (s3a) needs hadoop-aws and
+    AWS SDK jars from Maven Central, which this machine cannot reach, so Spark reads a byte-for-byte
+    copy of the bucket's lake objects (``copy``)."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         pytest.skip("Spark needs a Java runtime (17): no java on PATH and no JAVA_HOME")
     try:
@@ -417,18 +420,17 @@ def spark():
                               capture_output=True, text=True)
         if done.returncode:
             pytest.skip(f"pyspark is not installed and pip could not install it: {done.stderr[-300:]}")
+    copy = tmp_path_factory.mktemp("spark") / "lake-from-s3"
+    s3_refreshed["fs"].get(f"{s3_refreshed['root']}/", str(copy), recursive=True)
+    local = str(incremental["lake"])
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "spark_read_lake.py"), local, str(copy)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"local": seen[local], "bucket": seen[str(copy)], "copy": copy}
 
-    def read(lake: str) -> dict:
-        done = subprocess.run([sys.executable, str(REPO / "tests" / "spark_read_lake.py"), lake],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
 
-    return read
-
-
-def check_spark_join(spark, lake: str, shards: int) -> None:
-    seen = spark(lake)
+def check_spark_join(seen: dict, shards: int) -> None:
     assert seen["label_types"] == {"key": "string", "source": "string", "cluster": "int", "confidence": "float",
                                    "distance": "float", "model_version": "string", "labeled_at": "timestamp",
                                    "duplicate_of": "string", "write_id": "string", "shard": "string"}
@@ -440,14 +442,10 @@ def check_spark_join(spark, lake: str, shards: int) -> None:
     assert set(seen["manifest_columns"]) >= {"shard", "uri", "size", "etag", "mtime", "samples"}
 
 
-def test_spark_joins_labels_and_features_locally(spark, incremental):
-    check_spark_join(spark, str(incremental["lake"]), len(SHARDS))
+def test_spark_joins_labels_and_features_locally(spark_seen):
+    check_spark_join(spark_seen["local"], len(SHARDS))
 
 
-def test_spark_reads_the_objects_in_the_bucket(spark, s3_refreshed, tmp_path):
-    """Spark's own S3 connector (s3a) needs hadoop-aws and AWS SDK jars from Maven Central, which
-    this machine cannot reach, so Spark reads a byte-for-byte copy of the bucket's lake objects."""
-    copy = tmp_path / "lake-from-s3"
-    s3_refreshed["fs"].get(f"{s3_refreshed['root']}/", str(copy), recursive=True)
-    assert len(list(copy.glob("labels/shard=*/*.parquet"))) == len(SHARDS)
-    check_spark_join(spark, str(copy), len(SHARDS))
+def test_spark_reads_the_objects_in_the_bucket(spark_seen):
+    assert len(list(spark_seen["copy"].glob("labels/shard=*/*.parquet"))) == len(SHARDS)
+    check_spark_join(spark_seen["bucket"], len(SHARDS))
