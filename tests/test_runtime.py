@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -49,7 +50,8 @@ def test_a_ray_this_process_did_not_start_does_not_end_with_it():
 
     from rayclust.runtime import init_ray, ray_ends_with_job
 
-    init_ray()
+    with mock.patch.dict(os.environ):  # what init_ray sets for its Ray stays out of later modules' jobs
+        init_ray()
     started = ray_ends_with_job()
     ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False)

@@ -1,8 +1,11 @@
 """The local S3 server's ports (rayclust.seaweed): ``weed mini`` refuses a port that is another
-service's gRPC port (P + 10000), so the ports it is given must be apart."""
+service's gRPC port (P + 10000), so the ports it is given must be apart; and they are drawn again at
+each start, since a stopped server's ports are anyone's."""
 from __future__ import annotations
 
 import socket
+
+import pytest
 
 from rayclust import seaweed
 from rayclust.seaweed import SeaweedS3, free_port_pair, free_ports_apart
@@ -24,6 +27,7 @@ def test_real_draws_are_distinct_free_and_apart():
         assert len(set(every)) == 6 and not twins & set(every)
 
 
+@pytest.mark.slow
 def test_a_restart_draws_new_ports_where_another_process_took_the_old_ones(s3_env, tmp_path):
     """An outage test stops the server for seconds; any process may bind its old ports meanwhile (one
     suite run lost its store that way: the metrics port, reused, was taken). Only the S3 port, which
