@@ -4,6 +4,7 @@ reads ../shared, which holds the benchmarks' data), and the helpers that start, 
 jobs and read their output. Test modules import from here, never from each other."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -14,7 +15,6 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -33,12 +33,10 @@ TINY_ENCODER = "open_clip:rayclust-tiny-vit:none"
 
 @pytest.fixture(scope="module")
 def ray_session(s3_env):
-    """One local Ray per test module, started as a job starts its own (``rayclust.runtime.init_ray``:
-    the same settings, and the same helpers left out, such as Ray Train's placement-group cleaner
-    and preemption watcher, a process each per run): starting Ray costs seconds on 2 cores, so a
-    module's tests share it, but a module that breaks its Ray does not take the next module's down
-    with it. (The one such breakage seen, the driver losing its GCS subscription, came from a JVM
-    started in the test process beside the driver: Spark now runs in a process of its own, see
+    """One local Ray per test module: starting Ray costs seconds on 2 cores, so a module's tests
+    share it, but a module that breaks its Ray does not take the next module's down with it.
+    (The one such breakage seen, the driver losing its GCS subscription, came from a JVM started
+    in the test process beside the driver: Spark now runs in a process of its own, see
     tests/spark_read_lake.py.)
 
     Ray's workers inherit the driver's environment when Ray starts, so the test S3
@@ -46,11 +44,11 @@ def ray_session(s3_env):
     """
     import ray
 
-    from rayclust.runtime import init_ray
+    from rayclust.runtime import keep_idle_workers
 
     os.environ.pop("RAY_ADDRESS", None)
-    with mock.patch.dict(os.environ):  # what init_ray sets reaches Ray's processes, not the jobs tests start
-        init_ray()
+    keep_idle_workers()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
