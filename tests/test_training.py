@@ -37,9 +37,10 @@ def real_feature_lake(tmp_path_factory, digits_features) -> Lake:
 @pytest.mark.slow
 def test_two_workers_on_two_cores_train_and_beat_chance(ray_session, real_feature_lake):
     """--workers 2 on a 2-CPU Ray must not hang waiting for CPUs that Ray Data also needs; DDP
-    also runs the self-labelling epoch, which leaves the instance head without gradients."""
+    also runs the self-labelling epoch, which leaves the instance head without gradients. The fusing
+    blocks at half the config's width: a quarter of its 7.5 M parameters, which DDP sums every step."""
     latest = train(TrainSettings(real_feature_lake.uri, "mfavb", clusters=10, epochs=3, batch_size=128,
-                                 workers=2, run="two-workers", self_label_epochs=1))
+                                 workers=2, run="two-workers", self_label_epochs=1, overrides={"width": 64}))
     assert latest["model_version"] == "two-workers/epoch-4"
     assert latest["metrics"]["phase"] == "self-labelling"
     assert real_feature_lake.read_json(MODELS, "LATEST")["run"] == "two-workers"
