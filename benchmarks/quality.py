@@ -63,6 +63,7 @@ ABLATIONS = {  # what each recipe choice of docs/models.md is worth
     "ccmlp-no-step-floor": ("ccmlp", {"min_steps": 0}),  # the shipped epochs however small the table
     "mfavb-2-no-step-floor": ("mfavb", {"blocks": 2, "min_steps": 0}),
     "mfavb-2-one-cluster-head": ("mfavb", {"blocks": 2, "cluster_heads": 1}),
+    "temi-no-step-floor": ("temi", {"min_steps": 0}),
 }
 ROWS_PER_SHARD = 1000
 

@@ -308,7 +308,7 @@ def training_batch_size(settings: TrainSettings, config: dict, rows: tuple[int, 
 
 def contrastive_epochs(settings: TrainSettings, config: dict, rows: tuple[int, ...] | None, batch_size: int,
                        workers: int) -> int:
-    """The settings' contrastive epochs, else the model config's, raised for a small feature table
+    """The settings' contrastive (TEMI: PMI) epochs, else the model config's, raised for a small feature table
     until they make the config's ``min_steps`` optimizer steps (a table's steps an epoch shrink with
     it, and a contrastive head learns per step, not per pass over the rows)."""
     epochs, min_steps = settings.epochs or config["epochs"], config.get("min_steps", 0)
@@ -317,7 +317,8 @@ def contrastive_epochs(settings: TrainSettings, config: dict, rows: tuple[int, .
     steps = least_rows_per_worker(rows, workers) // batch_size  # the fewest an epoch's deal can make
     raised = max(epochs, -(-min_steps // steps))
     if raised > epochs:
-        print(f"contrastive epochs {epochs} -> {raised}: {steps} steps an epoch on {sum(rows):,} rows, "
+        phase = "PMI" if config["model"] == "temi" else "contrastive"
+        print(f"{phase} epochs {epochs} -> {raised}: {steps} steps an epoch on {sum(rows):,} rows, "
               f"at least {min_steps} steps in all", flush=True)
     return raised
 

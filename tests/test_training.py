@@ -153,14 +153,15 @@ def test_a_small_table_trains_the_default_models_least_steps(epochs, rows, batch
     assert contrastive_epochs(settings, model_config("ccmlp"), rows, batch, workers) == trained
 
 
-@pytest.mark.parametrize("model", ["ccmlp", "mfavb"])
-def test_a_feature_models_step_floor_is_its_own_recipes_steps_on_the_benchmark(model):
+@pytest.mark.parametrize("model, phase", [("ccmlp", "contrastive"), ("mfavb", "contrastive"), ("temi", "PMI")])
+def test_a_feature_models_step_floor_is_its_own_recipes_steps_on_the_benchmark(model, phase, capsys):
     """The floor is what the shipped epochs make on the 10,000-row benchmark, not a value of its own: it
     must follow when the epochs or the batch change. The 1,797 digits make 7 steps an epoch."""
     config = model_config(model)
     assert config["min_steps"] == config["epochs"] * (10_000 // config["batch_size"])
     raised = contrastive_epochs(TrainSettings("lake", model), config, (1000, 797), config["batch_size"], 1)
     assert raised == -(-config["min_steps"] // 7) > config["epochs"]
+    assert capsys.readouterr().out.startswith(f"{phase} epochs {config['epochs']} -> {raised}: 7 steps an epoch")
 
 
 @pytest.mark.slow
