@@ -17,7 +17,8 @@ def build_parser() -> JobArgumentParser:
                              "20,000 rows of the feature table, the smallest K within one standard error of the best; "
                              "see docs/models.md (default: %(default)s)")
     parser.add_argument("--epochs", type=at_least(1), default=None,
-                        help="contrastive training epochs (default: the model config's, see docs/models.md)")
+                        help="contrastive (TEMI: PMI) training epochs (default: the model config's, raised on a small "
+                             "table to its minimum steps, see docs/models.md)")
     parser.add_argument("--self-label-epochs", type=at_least(0), default=None,
                         help="feature models: self-labelling epochs after the contrastive ones, 0 for none "
                              "(default: the model config's)")
