@@ -29,8 +29,15 @@ TICKS_PER_S = 100  # dump-acct's times are in clock ticks
 
 
 def accounting_tools() -> None:
-    if shutil.which("accton") is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "acct"], check=True, capture_output=True)
+    """Debian's ``acct``, installed as the Makefile installs chromium: the package lists first (a fresh
+    machine has none)."""
+    if shutil.which("accton") is not None:
+        return
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "acct"]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"error: `{' '.join(command)}` failed (process accounting needs Debian's acct, and root): "
+                     f"{done.stderr.strip()[-300:]}")
 
 
 def run_suite(accounting: Path, pytest_args: list[str]) -> tuple[float, int]:
