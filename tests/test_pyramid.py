@@ -306,6 +306,20 @@ def test_warm_start_fits_each_cluster_head_to_kmeans_of_its_stage(drawn_shards):
     assert (predicted == kmeans[-1].numpy()).mean() >= 0.9  # the head learnt its stage's k-means labels
 
 
+def test_ward_seeded_kmeans_is_one_partition_of_every_row_whatever_rows_ward_sees():
+    from sklearn.datasets import load_digits
+
+    from rayclust.evaluation import cluster_accuracy
+    from rayclust.models.pyramid import ward_seeded_kmeans
+
+    digits = load_digits()
+    unit = digits.data / np.linalg.norm(digits.data, axis=1, keepdims=True)
+    labels = ward_seeded_kmeans(unit, CLUSTERS, ward_rows=300)
+    assert len(labels) == len(unit) and len(np.unique(labels)) == CLUSTERS
+    assert np.array_equal(labels, ward_seeded_kmeans(unit, CLUSTERS, ward_rows=300))  # no random start
+    assert cluster_accuracy(digits.target, labels) >= 0.6  # pixels; chance is about 0.11
+
+
 @pytest.mark.slow
 def test_pretrained_pyramid_trains_and_labels_better_than_chance(ray_session, tmp_path, drawn_shards):
     """The EfficientNet-Lite0 pyramid at 64 px, 2 epochs on 400 drawn images, then the infer job."""
