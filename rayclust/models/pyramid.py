@@ -236,9 +236,8 @@ class PretrainedPyramid(TwinHeadPyramid):
     def warm_start(self, images: torch.Tensor, seed: int, steps: int = WARM_START_STEPS) -> list[torch.Tensor]:
         """Start every stage's cluster head from k-means (``ward_seeded_kmeans``) of that stage's
         pretrained features on a sample of clean images (DEC's initialisation), instead of from
-        random weights: the head
-        learns the k-means partition (cross-entropy, ``steps`` Adam steps on the pooled features),
-        then contrastive training refines it. A random head needs more epochs than a CPU budget
+        random weights: the head learns the k-means partition (cross-entropy, ``steps`` Adam steps
+        on the pooled features), then contrastive training refines it. A random head needs more epochs than a CPU budget
         gives to catch up with what the pretrained features already separate (docs/models.md).
         Returns each stage's k-means labels of the images."""
         generator, targets = torch.Generator().manual_seed(seed), []
@@ -255,14 +254,15 @@ class PretrainedPyramid(TwinHeadPyramid):
 
 def ward_seeded_kmeans(unit: np.ndarray, clusters: int, ward_rows: int = WARD_ROWS) -> np.ndarray:
     """k-means labels of ``unit`` [N, C] started from the centres of Ward's hierarchical clustering
-    of its first ``ward_rows`` rows: one deterministic partition. k-means' random starts on pooled
-    pretrained features land in partitions 0.1 ACC apart whose inertia does not tell the better
-    ones (docs/models.md, *Pretrained pyramid*)."""
+    of at most ``ward_rows`` of its rows, evenly spaced (a sample read shard by shard keeps its
+    spread): one deterministic partition. k-means' random starts on pooled pretrained features
+    land in partitions 0.1 ACC apart whose inertia does not tell the better ones (docs/models.md,
+    *Pretrained pyramid*)."""
     from sklearn.cluster import AgglomerativeClustering, KMeans
 
-    head = unit[:ward_rows]
-    ward = AgglomerativeClustering(clusters, linkage="ward").fit_predict(head)
-    centres = np.stack([head[ward == c].mean(0) for c in range(clusters)])
+    spaced = unit[::-(-len(unit) // ward_rows)]
+    ward = AgglomerativeClustering(clusters, linkage="ward").fit_predict(spaced)
+    centres = np.stack([spaced[ward == c].mean(0) for c in range(clusters)])
     return KMeans(clusters, init=centres, n_init=1).fit_predict(unit)
 
 
