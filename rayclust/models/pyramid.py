@@ -237,9 +237,9 @@ class PretrainedPyramid(TwinHeadPyramid):
         """Start every stage's cluster head from k-means (``ward_seeded_kmeans``) of that stage's
         pretrained features on a sample of clean images (DEC's initialisation), instead of from
         random weights: the head learns the k-means partition (cross-entropy, ``steps`` Adam steps
-        on the pooled features), then contrastive training refines it. A random head needs more epochs than a CPU budget
-        gives to catch up with what the pretrained features already separate (docs/models.md).
-        Returns each stage's k-means labels of the images."""
+        on the pooled features), then contrastive training refines it. A random head needs more
+        epochs than a CPU budget gives to catch up with what the pretrained features already
+        separate (docs/models.md). Returns each stage's k-means labels of the images."""
         generator, targets = torch.Generator().manual_seed(seed), []
         for heads, features in zip(self.heads, self.stage_features(images)):
             target = torch.from_numpy(ward_seeded_kmeans(F.normalize(features, dim=1).numpy(), self.clusters)).long()
