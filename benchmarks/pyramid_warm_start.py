@@ -62,8 +62,10 @@ def digit_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def nearest_centre(sample: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import pairwise_distances_argmin
+
     centres = np.stack([sample[labels == c].mean(0) for c in range(CLUSTERS)])
-    return ((rows[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    return pairwise_distances_argmin(rows, centres)
 
 
 def partitions(sample: np.ndarray, starts: int, n_init: int) -> dict[str, list[np.ndarray]]:
