@@ -153,7 +153,8 @@ def test_a_small_table_trains_the_default_models_least_steps(epochs, rows, batch
     assert contrastive_epochs(settings, model_config("ccmlp"), rows, batch, workers) == trained
 
 
-@pytest.mark.parametrize("model, phase", [("ccmlp", "contrastive"), ("mfavb", "contrastive"), ("temi", "PMI")])
+@pytest.mark.parametrize("model, phase", [("ccmlp", "contrastive"), ("mfavb", "contrastive"), ("temi", "PMI"),
+                                          ("temi-mfavb", "PMI")])
 def test_a_feature_models_step_floor_is_its_own_recipes_steps_on_the_benchmark(model, phase, capsys):
     """The floor is what the shipped epochs make on the 10,000-row benchmark, not a value of its own: it
     must follow when the epochs or the batch change. The 1,797 digits make 7 steps an epoch."""
@@ -165,12 +166,15 @@ def test_a_feature_models_step_floor_is_its_own_recipes_steps_on_the_benchmark(m
 
 
 @pytest.mark.slow
-def test_200_rows_train_with_the_default_batch_and_every_row_is_labelled(ray_session, tmp_path, capsys):
-    lake = write_digits_lake(tmp_path / "lake", rows=200, views=2)
+def test_200_rows_without_views_train_with_the_default_batch_and_every_row_is_labelled(ray_session, tmp_path,
+                                                                                       capsys):
+    """Without views a model with neighbours takes its positives from the table's nearest rows."""
+    lake = write_digits_lake(tmp_path / "lake", rows=200, views=0)
     latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
                                  run="small", evaluate=False))
     assert capsys.readouterr().out.count(DIGITS_BATCH_MESSAGE) == 1
-    assert latest["model_version"] == "small/epoch-2"
+    assert latest["model_version"] == "small/epoch-2" and latest["metrics"]["phase"] == "self-labelling"
+    assert np.isfinite(latest["metrics"]["loss"])
     assert latest["metrics"]["warm_start_samples"] == 0  # 10 clusters: below the config's warm_start_clusters
     infer(lake.uri)
     labels = pads.dataset(lake.path(LABELS), filesystem=lake.arrow_fs, partitioning="hive").to_table()
@@ -190,15 +194,6 @@ def test_cluster_heads_warm_start_from_k_means_of_the_table_on_rank_0_for_every_
     assert min(latest["metrics"]["head_agreement"]) > 0.5, latest["metrics"]
     report = evaluate_checkpoint(lake, latest, lake.newest_files(FEATURES)).quality
     assert report.rows[latest["model_version"]]["acc"] > 0.6, report
-
-
-@pytest.mark.slow
-def test_a_table_without_views_trains_a_model_with_neighbours(ray_session, tmp_path):
-    lake = write_digits_lake(tmp_path / "lake", rows=200, views=0)
-    latest = train(TrainSettings(lake.uri, "ccmlp", clusters=10, epochs=1, self_label_epochs=1, workers=1,
-                                 run="no-views", evaluate=False))
-    assert latest["metrics"]["phase"] == "self-labelling"
-    assert np.isfinite(latest["metrics"]["loss"])
 
 
 def test_a_table_without_views_is_refused_for_a_model_without_neighbours(tmp_path):
