@@ -7,6 +7,7 @@ are the infer job's, against the shards' ``.cls`` labels. ``benchmarks/quality.p
 
     python benchmarks/_pyramid.py --shards 10 --epochs 8
     python benchmarks/_pyramid.py --model pyramid-effnet-lite0 --shards 10 --seed 0
+    python benchmarks/_pyramid.py --model pyramid-effnet-lite0 --digits --seed 0   # off CIFAR-10
 """
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int | None, seed
             "samples_per_second": [e.samples_per_second for e in epochs_printed]}
 
 
+def digit_shards(workdir: Path) -> str:
+    """The demo's digit images as WebDataset shards of 500 under ``workdir``; their pattern."""
+    from rayclust.demo import write_digit_images
+    from rayclust.shard_writer import write_shards
+
+    write_digit_images(workdir / "images")
+    write_shards(workdir / "images", str(workdir / "shards"), prefix="digits", per_shard=500)
+    return str(workdir / "shards" / "digits-*.tar")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=10, help="first N CIFAR-10 test shards (default: %(default)s)")
@@ -59,10 +70,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lake", default=None, help="keep the lake here (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="echo the jobs' output")
+    parser.add_argument("--digits", action="store_true",
+                        help="the 1,797 scikit-learn digits drawn as the demo draws them (4 shards) instead of CIFAR-10")
     args = parser.parse_args()
-    header(f"Pyramid model (PCLC, config {args.model}) on CIFAR-10 test images")
+    header(f"Pyramid model (PCLC, config {args.model}) on {'digit' if args.digits else 'CIFAR-10 test'} images")
     with tempfile.TemporaryDirectory(prefix="rayclust-pyramid-") as workdir:
-        result = pyramid_quality(cifar_pattern(args.shards), args.lake or workdir, args.epochs, args.seed,
+        shards = digit_shards(Path(workdir)) if args.digits else cifar_pattern(args.shards)
+        result = pyramid_quality(shards, args.lake or f"{workdir}/lake", args.epochs, args.seed,
                                  args.batch_size, echo=args.echo, model=args.model)
     print(f"epochs {args.epochs or 'as configured'}, batch size {args.batch_size or 'as configured'}, seed {args.seed}; "
           f"loss per epoch {' '.join(f'{v:.3f}' for v in result['losses'])}; "
