@@ -53,12 +53,11 @@ def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int | None, seed
 
 def digit_shards(workdir: Path) -> str:
     """The demo's digit images as WebDataset shards of 500 under ``workdir``; their pattern."""
-    from rayclust.demo import write_digit_images
-    from rayclust.shard_writer import write_shards
+    from rayclust.demo import DIGIT_SHARDS, write_digit_images, write_digit_shards
 
     write_digit_images(workdir / "images")
-    write_shards(workdir / "images", str(workdir / "shards"), prefix="digits", per_shard=500)
-    return str(workdir / "shards" / "digits-*.tar")
+    write_digit_shards(workdir / "images", workdir / "shards")
+    return str(workdir / "shards" / DIGIT_SHARDS)
 
 
 def main() -> None:

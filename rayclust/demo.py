@@ -22,6 +22,7 @@ from rayclust.shard_writer import write_shards
 from rayclust.training import TrainSettings, train
 
 DEMO_ENCODER = "effnet-lite0:96"
+DIGIT_SHARDS = "digits-*.tar"
 
 
 def write_digit_images(folder: Path, size: int = 32) -> int:
@@ -35,6 +36,12 @@ def write_digit_images(folder: Path, size: int = 32) -> int:
     return len(digits.images)
 
 
+def write_digit_shards(images: Path, out: Path) -> list[str]:
+    """The PNGs ``write_digit_images`` drew in ``images`` as WebDataset shards of 500 in ``out``
+    (``out / DIGIT_SHARDS``)."""
+    return write_shards(images, str(out), prefix="digits", per_shard=500)
+
+
 def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
@@ -46,11 +53,11 @@ def run_demo(workdir: Path, epochs: int | None = None) -> None:
     count = write_digit_images(workdir / "images")
     print(f"{count} images in {workdir / 'images'}", flush=True)
     step("2/6 WebDataset shards")
-    uris = write_shards(workdir / "images", str(workdir / "shards"), prefix="digits", per_shard=500)
+    uris = write_digit_shards(workdir / "images", workdir / "shards")
     print(f"{len(uris)} shards in {workdir / 'shards'}", flush=True)
     lake = str(workdir / "lake")
     step(f"3/6 embed with {DEMO_ENCODER} (ImageNet-pretrained, offline)")
-    print(embed(str(workdir / "shards" / "digits-*.tar"), lake, DEMO_ENCODER, views=2, batch_size=64), flush=True)
+    print(embed(str(workdir / "shards" / DIGIT_SHARDS), lake, DEMO_ENCODER, views=2, batch_size=64), flush=True)
     step("4/6 train the default model with Ray Train")
     train(TrainSettings(lake, clusters=10, epochs=epochs, run="demo"))
     step("5/6 infer: labels written to the lake")
