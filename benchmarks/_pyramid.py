@@ -33,7 +33,8 @@ def pyramid_quality(shards_pattern: str, lake_dir: str, epochs: int | None, seed
     infer_seconds, cpu_seconds (CPU time of the train job's process tree: the budget, which other
     load on a shared machine barely changes), other_cores (mean CPU use of other processes during
     training: contamination), and the per-epoch losses and samples/s the train job printed."""
-    recipe = [*(["--epochs", str(epochs)] if epochs else []), *(["--batch-size", str(batch_size)] if batch_size else [])]
+    recipe = [*(["--epochs", str(epochs)] if epochs else []),
+              *(["--batch-size", str(batch_size)] if batch_size else [])]
     trained = run_monitored(
         [PYTHON, "jobs/train.py", "--model", model, "--shards", shards_pattern, "--lake", lake_dir,
          "--clusters", str(clusters), *recipe, "--seed", str(seed), "--run", f"{model}-seed{seed}"],
@@ -70,14 +71,16 @@ def main() -> None:
     parser.add_argument("--lake", default=None, help="keep the lake here (default: a temporary folder)")
     parser.add_argument("--echo", action="store_true", help="echo the jobs' output")
     parser.add_argument("--digits", action="store_true",
-                        help="the 1,797 scikit-learn digits drawn as the demo draws them (4 shards) instead of CIFAR-10")
+                        help="the 1,797 scikit-learn digits drawn as the demo draws them (4 shards) "
+                             "instead of CIFAR-10")
     args = parser.parse_args()
     header(f"Pyramid model (PCLC, config {args.model}) on {'digit' if args.digits else 'CIFAR-10 test'} images")
     with tempfile.TemporaryDirectory(prefix="rayclust-pyramid-") as workdir:
         shards = digit_shards(Path(workdir)) if args.digits else cifar_pattern(args.shards)
         result = pyramid_quality(shards, args.lake or f"{workdir}/lake", args.epochs, args.seed,
                                  args.batch_size, echo=args.echo, model=args.model)
-    print(f"epochs {args.epochs or 'as configured'}, batch size {args.batch_size or 'as configured'}, seed {args.seed}; "
+    print(f"epochs {args.epochs or 'as configured'}, "
+          f"batch size {args.batch_size or 'as configured'}, seed {args.seed}; "
           f"loss per epoch {' '.join(f'{v:.3f}' for v in result['losses'])}; "
           f"samples/s per epoch {' '.join(f'{v:.0f}' for v in result['samples_per_second'])}\n")
     scores = {k: f"{result[k]:.3f}" for k in ("acc", "nmi", "ari")}  # seeds differ in the third decimal

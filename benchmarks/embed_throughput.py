@@ -172,7 +172,8 @@ def main() -> None:
             results = {}
             for what in order:
                 print(f"run {i + 1}: {what} ...", flush=True)
-                results[what] = run_job(args, job_pattern, Path(workdir)) if what == "job" else run_plain(args, plain_pattern)
+                results[what] = (run_job(args, job_pattern, Path(workdir)) if what == "job"
+                                 else run_plain(args, plain_pattern))
                 print(f"  {results[what]}", flush=True)
             job, plain = results["job"], results["plain"]
             plain_e2e = plain["images"] / plain["wall_seconds"]

@@ -14,7 +14,8 @@ AdamW, and inputs standardised over the whole table. Data: the Gaussian mixture 
 mean confidence, ACC/NMI and every head's ACC.
 
     python benchmarks/pmi_screen.py --rows 100000 --clusters 1000 --epochs 3 --batch 256 --teacher-temperature 0.05
-    python benchmarks/pmi_screen.py --npz ../shared/data/cifar10-test-effnetlite0.npz --clusters 10 --heads 16 --epochs 20
+    python benchmarks/pmi_screen.py --npz ../shared/data/cifar10-test-effnetlite0.npz \\
+        --clusters 10 --heads 16 --epochs 20
 """
 from __future__ import annotations
 

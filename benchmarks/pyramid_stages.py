@@ -67,7 +67,8 @@ def main() -> None:
     transform = clean_view(size)
     per_stage, pooled, truth = [], [], []
     dataset = wds.WebDataset(expand_shards(cifar_pattern(args.shards)), shardshuffle=False).decode("pil")
-    for batch in wds.WebLoader(dataset.to_tuple("jpg;png", "cls").map_tuple(transform, int).batched(256), batch_size=None):
+    for batch in wds.WebLoader(dataset.to_tuple("jpg;png", "cls").map_tuple(transform, int).batched(256),
+                               batch_size=None):
         images, labels = batch
         stages, last_pooled = stage_outputs(model, images)
         per_stage.append([s.numpy() for s in stages])
@@ -81,7 +82,8 @@ def main() -> None:
     rows.append({"predictor": "mean of the 4 stages (predict_stages all)",
                  **scored(truth, np.mean(stages, axis=0).argmax(1))})
     aligned = [aligned_to(last, s) for s in stages]
-    rows.append({"predictor": "mean of the 4 stages, aligned to the last", **scored(truth, np.mean(aligned, 0).argmax(1))})
+    rows.append({"predictor": "mean of the 4 stages, aligned to the last",
+                 **scored(truth, np.mean(aligned, 0).argmax(1))})
     rows.append({"predictor": "mean of stages 3-4, aligned", **scored(truth, np.mean(aligned[2:], 0).argmax(1))})
     features = np.concatenate(pooled)
     clusters = stages[-1].shape[1]

@@ -85,7 +85,8 @@ def report_cost(lake: str) -> list[dict]:
     for job in ("infer.py", "report.py"):
         finished = run_monitored([PYTHON, str(REPO / "jobs" / job), "--lake", lake])
         last = [line for line in finished.output.splitlines() if line.strip()][-1]
-        rows.append({"job": job, "seconds": round(finished.seconds, 1), "peak RSS sum MiB": mib(finished.memory.peak_rss),
+        rows.append({"job": job, "seconds": round(finished.seconds, 1),
+                     "peak RSS sum MiB": mib(finished.memory.peak_rss),
                      "peak PSS MiB": mib(finished.memory.peak_pss), "last line": last[:90]})
     return rows
 

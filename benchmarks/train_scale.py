@@ -141,7 +141,8 @@ def main() -> None:
     args = parser.parse_args()
 
     header("Train scale: a Gaussian-mixture feature table at growing size")
-    print(f"model {args.model}, {args.epochs} contrastive epochs, batch {args.batch_size or 'the job default'}, 1 worker, "
+    print(f"model {args.model}, {args.epochs} contrastive epochs, "
+          f"batch {args.batch_size or 'the job default'}, 1 worker, "
           f"{DIM}-d features with {VIEWS} views\n", flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as root:
         results = []

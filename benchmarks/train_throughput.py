@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="epochs; the first is skipped (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="samples per step (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the plain loop; the job's 1 worker on 2 CPUs uses 1 (default: %(default)s)")
+                        help="torch threads of the plain loop; the job's 1 worker on 2 CPUs uses 1 "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1, help="rounds of plain + job runs, alternating order")
     parser.add_argument("--echo", action="store_true", help="echo the job's output")

@@ -6,7 +6,8 @@ Two signals from the labels table, new shards against the baseline:
   cluster fractions: the share of samples that would have to change cluster to match).
 Both read a bounded sample of shards (``SAMPLE_SHARDS``, drawn with a fixed seed), so a
 10M-row lake costs what a small one does. The baseline is the LATEST model's labels outside the
-shards being refreshed, computed once per model version and kept in ``LAKE/manifest/_drift_baseline.json``: run right after
+shards being refreshed, computed once per model version and kept in
+``LAKE/manifest/_drift_baseline.json``: run right after
 ``jobs/infer.py`` relabels everything (as after every training), that is the training data.
 """
 from __future__ import annotations

@@ -187,7 +187,8 @@ def infer(lake_uri: str, batch_size: int | None = None, evaluate: bool = True, r
         summary, label_files = infer_locked(lake, lock, model, latest, features, batch_size, redo, centres.unit)
         print(summary, flush=True)
         duplicates = find_duplicates(lake, lock, label_files, features, duplicate_epsilon, LABEL_COLUMNS,
-                                     latest["clusters"], duplicate_buckets(lake, label_files, centres, latest["clusters"]))
+                                     latest["clusters"],
+                                     duplicate_buckets(lake, label_files, centres, latest["clusters"]))
         label_files = duplicates.label_files
         described = describe_clusters(lake, latest, encoder, centres, list(label_files.values()), words)
     print(duplicates_line(duplicates, described), clusters_line(lake, latest, described),
@@ -232,7 +233,8 @@ def infer_locked(lake: Lake, lock: LakeLock, model: torch.nn.Module, latest: dic
     label_files = lake.newest_files(LABELS)
     labelled = {} if redo else {s: fingerprint_of(p) for s, p in label_files.items()}
     todo = [s for s in features if labelled.get(s) != fingerprints[s][LABELS]]
-    print(f"infer {len(features)} shards of {lake.uri} with {latest['model_version']}: {len(todo)} to label", flush=True)
+    print(f"infer {len(features)} shards of {lake.uri} with {latest['model_version']}: "
+          f"{len(todo)} to label", flush=True)
     committed = label_shards(lake, lock, model, latest, [features[s] for s in todo], batch_size, write_id,
                              fingerprints, centres) if todo else CommitSummary()
     label_files.update({s: published_path(lake, LABELS, s, write_id, fingerprints[s][LABELS])

@@ -6,7 +6,8 @@ they write. Taking it is a conditional create: S3 ``If-None-Match: *``
 (AWS S3 and SeaweedFS honour it), and on a local lake a read-decide-write under ``flock``
 of ``LAKE/_lock.guard``. A record whose lease has expired, or whose holder ran on this very
 machine since its last boot (same ``boot_id``, not merely the same host name, which containers
-share) and is no longer running (its pid is gone or belongs to a process started later), is stale and is taken over with a conditional replace (S3 ``If-Match`` on the
+share) and is no longer running (its pid is gone or belongs to a process started later), is stale
+and is taken over with a conditional replace (S3 ``If-Match`` on the
 ETag read), so exactly one contender wins. A holder that cannot renew (someone took over
 after its lease ran out) is told by ``check()`` and stops before its next commit. A job whose
 object store stopped answering leaves its lock: releasing it would wait out the retries again.

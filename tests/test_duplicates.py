@@ -70,7 +70,8 @@ def digits_label_files(lake, data, clusters: np.ndarray) -> dict[str, str]:
         centre = unit_rows(unit_rows(data["clean"]).mean(0, keepdims=True))[0]
         distance = 1 - unit_rows(data["clean"][rows]) @ centre
         table = pa.table({"key": keys, "source": pa.nulls(len(keys), pa.string()),
-                          "cluster": pa.array(clusters[rows], pa.int32()), "confidence": pa.array(np.ones(len(keys)), pa.float32()),
+                          "cluster": pa.array(clusters[rows], pa.int32()),
+                          "confidence": pa.array(np.ones(len(keys)), pa.float32()),
                           "distance": pa.array(distance, pa.float32()), "model_version": ["digits/epoch-1"] * len(keys),
                           "labeled_at": pa.array([datetime.datetime(2026, 11, 30)] * len(keys), pa.timestamp("us")),
                           DUPLICATE_OF: pa.nulls(len(keys), pa.string())})

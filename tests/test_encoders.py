@@ -63,7 +63,8 @@ def test_weights_in_the_local_cache_pass_the_check_offline(tmp_path):
     (model / "refs" / "main").write_text("0" * 40)
     (model / "snapshots" / ("0" * 40)).mkdir(parents=True)
     (model / "snapshots" / ("0" * 40) / "open_clip_model.safetensors").write_bytes(b"weights")
-    check = "from rayclust.encoders import check_weights_reachable; check_weights_reachable('open_clip:ViT-B-32:openai')"
+    check = ("from rayclust.encoders import check_weights_reachable; "
+             "check_weights_reachable('open_clip:ViT-B-32:openai')")
     run = subprocess.run([sys.executable, "-c", check], env=offline_env(tmp_path / "hub-cache"),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

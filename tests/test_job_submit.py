@@ -195,7 +195,8 @@ def test_submitted_jobs_wrote_one_feature_and_one_label_row_per_sample(jobs):
                               hive_types = {{'shard': VARCHAR}})
             GROUP BY shard ORDER BY shard""").fetchall()
         assert counts == [(f"part-{i:06d}", SAMPLES, SAMPLES) for i in range(SHARDS + 1)], table
-    versions = con.execute(f"SELECT list(DISTINCT model_version) FROM read_parquet('s3://{root}/lake/labels/*/*.parquet')")
+    versions = con.execute("SELECT list(DISTINCT model_version) "
+                           f"FROM read_parquet('s3://{root}/lake/labels/*/*.parquet')")
     assert versions.fetchone()[0] == [latest["model_version"]]
 
 

@@ -158,7 +158,8 @@ def heads_that_merge_two_corners(count: int = 2) -> ClusterHeads:
         for head in heads.heads:
             first, last = head[0][0], head[0][2]
             first.weight.copy_(torch.eye(3)), first.bias.zero_()
-            last.weight.copy_(torch.tensor([[1.0, 1, 0], [0, 0, 1], [0, 0, 0]])), last.bias.copy_(torch.tensor([0, 0, -100.0]))
+            last.weight.copy_(torch.tensor([[1.0, 1, 0], [0, 0, 1], [0, 0, 0]]))
+            last.bias.copy_(torch.tensor([0, 0, -100.0]))
     return heads
 
 

@@ -218,7 +218,8 @@ def test_too_few_images_for_a_batch_end_the_job_in_one_line_before_training(tmp_
                                      "for 1 worker(s); lower --batch-size or --workers"], run.stderr
     assert "training pyramid run" not in run.stdout, run.stdout
     output = run.stdout + run.stderr
-    assert "rayclust.errors.UserError" not in output, output  # its traceback: the driver's, a worker's, the controller's
+    # its traceback: the driver's, a worker's, the controller's
+    assert "rayclust.errors.UserError" not in output, output
     # Ray's own processes may log tracebacks of their own trouble, unrelated to the job's: Ray Train's controller
     # when a resource request times out on a loaded machine, its PlacementGroupCleaner where several local Rays run
     assert not [line for line in output.splitlines() if "Traceback" in line and not RAY_PROCESS.search(line)], output

@@ -120,7 +120,8 @@ def killed_and_rerun(embed_then_refresh, trained_lake, source) -> dict:
                           "--encoder", TINY_ENCODER, "--views", "1", "--batch-size", "16")
     first = start_job(command, log)
     killed = {f"part-{i:06d}" for i in range(6, LAST + 1)}
-    published = lambda: {p.parent.name.split("=")[1] for p in lake.glob("features/shard=*/*.parquet")} & killed  # noqa: E731
+    published = lambda: {p.parent.name.split("=")[1]  # noqa: E731
+                         for p in lake.glob("features/shard=*/*.parquet")} & killed
     try:
         wait_until(published, first, log, "a published shard")
     finally:

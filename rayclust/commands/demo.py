@@ -9,7 +9,8 @@ from rayclust.cli import JobArgumentParser, at_least
 
 def build_parser() -> JobArgumentParser:
     parser = JobArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="demo-lake", help="folder for images, shards and lake (default: %(default)s)")
+    parser.add_argument("--workdir", default="demo-lake",
+                        help="folder for images, shards and lake (default: %(default)s)")
     parser.add_argument("--epochs", type=at_least(1), default=None,
                         help="contrastive epochs (default: the model's, raised on a small table to its minimum steps)")
     return parser

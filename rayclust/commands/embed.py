@@ -19,7 +19,8 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--views", type=at_least(0), default=2,
                         help="augmented views embedded per image besides the clean one; 0 for models that read "
                              "only the clean embedding and its neighbours (default: %(default)s)")
-    parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256,
+                        help="images per encoder batch (default: %(default)s)")
     add_thumbnails_flag(parser)
     parser.add_argument("--redo", action="store_true",
                         help="embed shards again even if their features were made from the same file with the "

@@ -15,7 +15,8 @@ def build_parser() -> JobArgumentParser:
     parser.add_argument("--shards", required=True,
                         help="shard URI pattern: local path or s3://, with {000..099} ranges and/or globs")
     parser.add_argument("--lake", required=True, help="lake root: a local folder or an s3:// prefix")
-    parser.add_argument("--batch-size", type=at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256,
+                        help="images per encoder batch (default: %(default)s)")
     parser.add_argument("--infer-batch-size", type=at_least(1), default=1024,
                         help="rows per inference batch (default: %(default)s)")
     parser.add_argument("--max-shards", type=at_least(1), default=None,

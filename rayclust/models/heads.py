@@ -139,7 +139,8 @@ class ClusterHeads(nn.Module):
     def align(self, co_assigned: torch.Tensor) -> tuple[int, list[float]]:
         """Renumber the heads' clusters after the head that agrees most with the others.
 
-        ``co_assigned`` [H, H, K, K] (``CoAssignments.table``) counts, for heads h and g, the rows head h puts in cluster k
+        ``co_assigned`` [H, H, K, K] (``CoAssignments.table``) counts, for heads h and g, the rows
+        head h puts in cluster k
         and head g in cluster l. Returns (the reference head, each head's share of rows on which
         it agrees with the reference once matched).
         """
