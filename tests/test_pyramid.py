@@ -231,14 +231,10 @@ def test_pretrained_stages_feed_twin_heads_and_end_in_the_embed_jobs_feature():
     assert [tuple(t.shape) for t in heads[-1]] == [(2, 128), (2, 128), (2, CLUSTERS), (2, CLUSTERS)]
 
 
-def test_frozen_stages_keep_weights_and_statistics_and_the_backbone_learns_slower():
+def one_step(model: torch.nn.Module, config: dict) -> tuple[dict, dict]:
+    """The model's state before and after one optimizer step of the contrastive loss on noise."""
     from rayclust.models import parameter_groups
 
-    torch.manual_seed(0)
-    config = model_config("pyramid-effnet-lite0", image_size=64)
-    model = build_model(config, 0, CLUSTERS).train()
-    frozen_bn, trained_bn = model.backbone.stem[1], model.backbone.stages[2][0]._bn0
-    assert not frozen_bn.training and trained_bn.training
     before = {k: v.clone() for k, v in model.state_dict().items()}
     groups = parameter_groups(model, config)
     assert [g.get("lr") for g in groups] == [config["backbone_lr"], None]
@@ -246,14 +242,35 @@ def test_frozen_stages_keep_weights_and_statistics_and_the_backbone_learns_slowe
     loss, _ = contrastive_clustering_loss(model(torch.randn(16, 3, 64, 64), torch.randn(16, 3, 64, 64)))
     loss.backward()
     optimizer.step()
-    after = model.state_dict()
+    return before, model.state_dict()
+
+
+def test_frozen_stages_keep_weights_the_backbone_learns_slower_and_keeps_its_batchnorm_statistics():
+    torch.manual_seed(0)
+    config = model_config("pyramid-effnet-lite0", image_size=64)
+    model = build_model(config, 0, CLUSTERS).train()
+    assert not model.backbone.stem[1].training and not model.backbone.stages[2][0]._bn0.training
+    assert model.heads[0].instance[0].training  # the heads' own BatchNorm learns its statistics
+    before, after = one_step(model, config)
     frozen = [k for k in after if k.startswith(("backbone.stem.", "backbone.stages.0.", "backbone.stages.1."))]
-    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # running statistics included
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    statistics = [k for k in after if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+    assert len(statistics) == 2 * 49 and all(torch.equal(before[k], after[k]) for k in statistics)
     assert not torch.equal(before["backbone.stages.3.0._expand_conv.weight"],
                            after["backbone.stages.3.0._expand_conv.weight"])
-    assert not torch.equal(before["backbone.head.1.running_mean"], after["backbone.head.1.running_mean"])
+    assert not torch.equal(before["backbone.stages.3.0._bn0.weight"], after["backbone.stages.3.0._bn0.weight"])
     with pytest.raises(UserError, match="frozen_stages is 0 to 3"):
         pretrained_model(frozen_stages=4)
+
+
+def test_without_pretrained_batchnorm_the_trained_stages_follow_their_batches():
+    torch.manual_seed(0)
+    config = model_config("pyramid-effnet-lite0", image_size=64, pretrained_batchnorm=False)
+    model = build_model(config, 0, CLUSTERS).train()
+    assert not model.backbone.stem[1].training and model.backbone.stages[2][0]._bn0.training
+    before, after = one_step(model, config)
+    assert torch.equal(before["backbone.stages.1.0._bn0.running_mean"], after["backbone.stages.1.0._bn0.running_mean"])
+    assert not torch.equal(before["backbone.head.1.running_mean"], after["backbone.head.1.running_mean"])
 
 
 def test_a_timm_backbone_takes_its_own_checkpoint_through_init(tmp_path, capsys):

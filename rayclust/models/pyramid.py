@@ -192,12 +192,16 @@ class Pyramid(TwinHeadPyramid):
 class PretrainedPyramid(TwinHeadPyramid):
     """PCLC's twin heads on the four stages of a pretrained backbone, fine-tuned end to end from its
     ``frozen_stages``-th stage on: the stem and the first ``frozen_stages`` stages keep their
-    pretrained weights and BatchNorm statistics (the early, high-resolution layers cost most of a
-    CPU step and change least in fine-tuning). ``backbone`` is a ``rayclust.models.backbones`` spec;
-    ``image_size`` is the side the views and infer resize to (the network takes any)."""
+    pretrained weights (the early, high-resolution layers cost most of a CPU step and change least
+    in fine-tuning). With ``pretrained_batchnorm`` every BatchNorm of the backbone normalises with
+    its pretrained statistics while the weights around it train: batches of strongly augmented
+    views would otherwise move them away from what clean images at infer look like
+    (docs/models.md). ``backbone`` is a ``rayclust.models.backbones`` spec; ``image_size`` is the
+    side the views and infer resize to (the network takes any)."""
 
     def __init__(self, clusters: int, backbone: str = "effnet-lite0", image_size: int = 128,
-                 frozen_stages: int = 0, instance_dim: int = 128, predict_stages: str = "last"):
+                 frozen_stages: int = 0, instance_dim: int = 128, predict_stages: str = "last",
+                 pretrained_batchnorm: bool = True):
         super().__init__(predict_stages)
         from rayclust.models.backbones import pretrained_stages
 
@@ -210,8 +214,10 @@ class PretrainedPyramid(TwinHeadPyramid):
         self.frozen = self.backbone.first_stages(frozen_stages)  # a plain list: their weights stay the backbone's
         for module in self.frozen:
             module.requires_grad_(False)
+        batchnorms = [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.kept_in_eval = [*self.frozen, *(batchnorms if pretrained_batchnorm else [])]
         self.heads = nn.ModuleList(TwinHeads(w, instance_dim, clusters) for w in self.backbone.widths)
-        self.train()  # puts the frozen stages in eval mode from the start
+        self.train()  # puts them in eval mode from the start
 
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's four stage maps, finest first."""
@@ -219,7 +225,7 @@ class PretrainedPyramid(TwinHeadPyramid):
 
     def train(self, mode: bool = True) -> PretrainedPyramid:
         super().train(mode)
-        for module in self.frozen:  # frozen stages keep the BatchNorm statistics they were trained with
+        for module in self.kept_in_eval:  # they keep the BatchNorm statistics they were pretrained with
             module.eval()
         return self
 
